@@ -1,0 +1,45 @@
+"""The NumPy reference: the math of every algorithm, in float64, one pure function per equation.
+
+Parameters, gradients and perturbations are *lists of arrays* (one array per parameter tensor);
+every norm is the **global** L2 norm over all of them as one vector (``../shared/SPEC.md``).
+These functions are the oracle that every framework implementation is tested against.
+"""
+
+from sam_edu.reference.base import sgd_init, sgd_update
+from sam_edu.reference.problems import (
+    mlp_init,
+    mlp_loss,
+    mlp_loss_and_grad,
+    two_basin_grad,
+    two_basin_hessian,
+    two_basin_loss,
+)
+from sam_edu.reference.sam import (
+    ascend,
+    asam_perturbation,
+    centralize_gradient,
+    global_norm,
+    perturbation,
+    sam_perturbation,
+    sam_step,
+    scale_operator,
+)
+
+__all__ = [
+    "ascend",
+    "asam_perturbation",
+    "centralize_gradient",
+    "global_norm",
+    "mlp_init",
+    "mlp_loss",
+    "mlp_loss_and_grad",
+    "perturbation",
+    "sam_perturbation",
+    "sam_step",
+    "scale_operator",
+    "sgd_init",
+    "sgd_update",
+    "two_basin_grad",
+    "two_basin_hessian",
+    "two_basin_loss",
+]
