@@ -367,3 +367,25 @@ def test_running_statistics_come_from_pass_one_only(momentum):
     assert torch.equal(bn.running_mean, want.running_mean)
     assert torch.equal(bn.running_var, want.running_var)
     assert torch.equal(bn.num_batches_tracked, want.num_batches_tracked)
+
+
+def test_a_group_added_later_gets_both_optimizers_settings_and_steps():
+    first, later = torch.nn.Linear(3, 2), torch.nn.Linear(2, 1)
+    opt = SAM(first.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9)
+    opt.add_param_group({"params": later.parameters(), "rho": 0.2})
+    assert opt.param_groups is opt.base_optimizer.param_groups and len(opt.param_groups) == 2
+    group = opt.param_groups[1]
+    assert group["rho"] == 0.2 and group["adaptive"] is False and group["momentum"] == 0.9
+    before = [p.detach().clone() for p in later.parameters()]
+    x = torch.randn(4, 3)
+
+    def closure():
+        opt.zero_grad()
+        loss = later(first(x)).pow(2).mean()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    assert all(not torch.equal(b, p) for b, p in zip(before, later.parameters()))
+    with pytest.raises(ValueError, match="rho"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.ones(1))], "rho": -1.0})

@@ -134,9 +134,6 @@ class SAM(torch.optim.Optimizer):
         _check_non_negative(eta, "eta")
         _check_non_negative(perturb_eps, "perturb_eps")
         super().__init__(params, dict(rho=rho, adaptive=adaptive, eta=eta, **base_kwargs))
-        for i, group in enumerate(self.param_groups):
-            _check_non_negative(group["rho"], "rho", f" (parameter group {i})")
-            _check_non_negative(group["eta"], "eta", f" (parameter group {i})")
         self.perturb_eps = perturb_eps
         self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
         self.param_groups = self.base_optimizer.param_groups
@@ -144,6 +141,21 @@ class SAM(torch.optim.Optimizer):
         # w, saved in (2) for (4). Not in self.state: Adam initialises its moments only when
         # state[p] is empty, and a checkpoint has no use for it.
         self._saved_w: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def add_param_group(self, param_group: dict) -> None:
+        """Add a group to both optimizers (one shared list): SAM's settings, then the base's.
+
+        Works after construction too, e.g. to unfreeze layers while fine-tuning.
+        """
+        for name in ("rho", "eta"):
+            _check_non_negative(param_group.get(name, self.defaults[name]), name,
+                                f" (parameter group {len(self.param_groups)})")
+        if "base_optimizer" not in self.__dict__:  # inside __init__: the base does not exist yet
+            super().add_param_group(param_group)
+            return
+        for name in ("rho", "adaptive", "eta"):
+            param_group.setdefault(name, self.defaults[name])
+        self.base_optimizer.add_param_group(param_group)
 
     def _with_grad(self) -> list[tuple[torch.Tensor, dict]]:
         """Every parameter that has a gradient, with its group (frozen parameters are skipped)."""
