@@ -1,0 +1,213 @@
+"""SAM and ASAM as an optax ``GradientTransformation`` (JAX).
+
+SAM (Foret, Kleiner, Mobahi, Neyshabur, ICLR 2021, arXiv:2010.01412) minimises the worst loss in a
+ball of radius ``rho`` around the weights::
+
+    min_w  max_{||e|| <= rho}  L_B(w + e)
+
+A first-order Taylor expansion of the inner maximum gives its solution in closed form (the dual
+norm of the L2 norm is the L2 norm)::
+
+    e(w) = rho * g / ||g||,        g = grad L_B(w)
+
+and the gradient of the SAM objective, dropping the second-order term, is ``grad L_B(w + e(w))``.
+
+ASAM (Kwon, Kim, Park, Choi, ICML 2021, arXiv:2102.11600) measures the ball in a weight-scaled
+metric with the element-wise operator ``T_w = |w| + eta``, which makes sharpness invariant to
+rescalings of the weights that leave the network's function unchanged::
+
+    e(w) = rho * T_w^2 g / ||T_w g||
+
+One generic step, numbered as every implementation in ``sam_edu`` numbers it:
+
+1. gradient at the centre: ``g = grad L_B(w)``
+2. ascend: ``w <- w + e(w)``
+3. gradient at the perturbed point on the same batch: ``g_adv = grad L_B(w + e)``
+4. restore ``w`` exactly
+5. base step at ``w`` with the direction ``d = g_adv``
+
+This is ``sam_edu.reference.sam`` written in JAX's idiom: parameters, gradients and perturbations
+are pytrees (any nesting of lists, dicts, tuples of arrays) instead of lists of arrays; every norm
+is still the **global** L2 norm over all leaves as one vector. The optimizer is an optax
+transformation: the training loop computes ``g`` (1) and passes ``grad_fn``, which evaluates the
+gradient on the same batch, so ``update`` can do (2), (3) and (5) itself. Everything is pure and
+jittable: nothing is restored in (4) because nothing was ever overwritten, and a non-finite
+gradient, which the reference answers with an exception, skips the step instead (an exception
+cannot be raised from inside ``jax.jit``).
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+Params = Any  # a pytree of arrays
+Flags = Any  # one flag, a pytree of flags, or a callable params -> pytree of flags
+
+
+def global_norm(tree: Params) -> jax.Array:
+    """``||v|| = sqrt(sum_i sum_j v_ij^2)``: one L2 norm over all leaves together."""
+    return jnp.sqrt(sum(jnp.sum(v * v) for v in jax.tree.leaves(tree)))
+
+
+def _per_leaf(adaptive: Flags, params: Params) -> Any:
+    """Resolve ``adaptive`` to one flag per leaf of ``params`` (optax's mask convention).
+
+    ``adaptive`` is one flag for every leaf, a pytree of flags with the structure of ``params``,
+    or a callable that returns such a pytree from ``params``.
+    """
+    if callable(adaptive):
+        adaptive = adaptive(params)
+    if jax.tree_util.treedef_is_leaf(jax.tree.structure(adaptive)):
+        return jax.tree.map(lambda _: adaptive, params)
+    if jax.tree.structure(adaptive) != jax.tree.structure(params):
+        raise ValueError(
+            "adaptive must be one flag, a pytree of flags with the structure of the params, "
+            f"or a callable returning one; got {jax.tree.structure(adaptive)} for params "
+            f"{jax.tree.structure(params)}"
+        )
+    return adaptive
+
+
+def scale_operator(params: Params, eta: float = 0.0, adaptive: Flags = True) -> Params:
+    """ASAM's element-wise operator ``T_w = |w| + eta`` (``T_w = 1`` for leaves left unscaled).
+
+    ``adaptive`` may be one flag, a pytree of flags or a callable returning one: the official ASAM
+    code scales weight tensors only and leaves biases and BatchNorm shifts unscaled, e.g.
+    ``adaptive=lambda p: jax.tree.map(lambda w: w.ndim > 1, p)``. The flag selects with
+    ``jnp.where``, so it may also be a traced boolean.
+    """
+    flags = _per_leaf(adaptive, params)
+    return jax.tree.map(lambda w, a: jnp.where(a, jnp.abs(w) + eta, jnp.ones_like(w)),
+                        params, flags)
+
+
+def sam_perturbation(grads: Params, rho: float = 0.05, perturb_eps: float = 1e-12) -> Params:
+    """SAM's ascent step ``e = rho * g / (||g|| + perturb_eps)``; a zero gradient gives ``e = 0``."""
+    scale = rho / (global_norm(grads) + perturb_eps)
+    return jax.tree.map(lambda g: scale * g, grads)
+
+
+def asam_perturbation(grads: Params, params: Params, rho: float = 0.05, eta: float = 0.0,
+                      adaptive: Flags = True, perturb_eps: float = 1e-12) -> Params:
+    """ASAM's ascent step ``e = rho * T_w^2 g / (||T_w g|| + perturb_eps)``."""
+    t = scale_operator(params, eta, adaptive)
+    scale = rho / (global_norm(jax.tree.map(lambda tw, g: tw * g, t, grads)) + perturb_eps)
+    return jax.tree.map(lambda tw, g: scale * tw * tw * g, t, grads)
+
+
+def perturbation(grads: Params, params: Params, rho: float = 0.05, adaptive: Flags = False,
+                 eta: float = 0.0, perturb_eps: float = 1e-12) -> Params:
+    """The perturbation ``e(w)`` with ASAM chosen per leaf, as :func:`sam` uses it.
+
+    ``e_i = rho * T_i^2 g_i / (||T g|| + perturb_eps)``, the norm global over all leaves and
+    ``T_i = |w_i| + eta`` where ``adaptive_i`` (ASAM) else ``1`` (SAM). With ``adaptive=False``
+    this is :func:`sam_perturbation`; with ``adaptive=True``, :func:`asam_perturbation`.
+    """
+    t = scale_operator(params, eta, adaptive)
+    norm = global_norm(jax.tree.map(lambda tw, g: tw * g, t, grads))
+    return jax.tree.map(lambda tw, g: rho * tw * tw * g / (norm + perturb_eps), t, grads)
+
+
+def ascend(params: Params, e: Params) -> Params:
+    """Step (2): the perturbed point ``w + e``."""
+    return jax.tree.map(lambda w, ew: w + ew, params, e)
+
+
+class SAMState(NamedTuple):
+    """State of :func:`sam`.
+
+    Attributes:
+      base_state: the base optimizer's state, untouched by the perturbation.
+      notfinite_count: how many updates were skipped because ``g`` or ``g_adv`` was not finite
+        (a running total, never reset; int32 scalar).
+    """
+
+    base_state: optax.OptState
+    notfinite_count: jax.Array
+
+
+def _check_non_negative(name: str, value: Any) -> None:
+    """``ValueError`` naming the argument when a Python number is negative (or NaN)."""
+    if isinstance(value, numbers.Real) and not value >= 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+
+
+def sam(
+    base: optax.GradientTransformation,
+    rho: float = 0.05,
+    adaptive: Flags = False,
+    eta: float = 0.0,
+    perturb_eps: float = 1e-12,
+) -> optax.GradientTransformationExtraArgs:
+    """SAM (``adaptive=False``) or ASAM around the base optimizer ``base``.
+
+    ``update(grads, state, params, *, grad_fn, **extra_args)`` takes ``grads = grad L_B(w)`` and
+    ``grad_fn``, where ``grad_fn(params)`` returns the gradient on the **same** batch. It calls
+    ``grad_fn`` once, at ``w + e``, and returns the base optimizer's updates for the direction
+    ``g_adv`` taken at the original ``w``::
+
+        grad_fn = jax.grad(lambda p: loss(p, batch))
+        updates, state = opt.update(grad_fn(params), state, params, grad_fn=grad_fn)
+        params = optax.apply_updates(params, updates)
+
+    Other keyword arguments (e.g. ``value=`` for ``optax.contrib.reduce_on_plateau``) go on to the
+    base optimizer.
+
+    If ``g`` or ``g_adv`` is not finite (NaN or Inf, detected through the global norm as in the
+    reference, so a norm that overflows counts too) the step is skipped, as
+    ``optax.apply_if_finite`` does: the updates are zero, the base state is kept unchanged and
+    ``state.notfinite_count`` is incremented. Check that count to notice a diverging run.
+
+    Args:
+      base: the base optimizer (SGD, momentum, Adam, ...); it steps at the original ``w``.
+      rho: radius of the ball, ``rho >= 0`` (ASAM needs a larger rho, about 0.5 to 2.0).
+      adaptive: ASAM per leaf: one flag, a pytree of flags with the structure of the params, or a
+        callable ``params -> pytree of flags`` (the convention of ``optax.masked``).
+      eta: ASAM's ``T_w = |w| + eta``, ``eta >= 0`` (the official ASAM code uses 0.01).
+      perturb_eps: added to the norm so that a zero gradient gives ``e = 0``; ``>= 0``.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` whose state is a :class:`SAMState`.
+    """
+    _check_non_negative("rho", rho)
+    _check_non_negative("eta", eta)
+    _check_non_negative("perturb_eps", perturb_eps)
+    base = optax.with_extra_args_support(base)
+
+    def init_fn(params: Params) -> SAMState:
+        return SAMState(base_state=base.init(params), notfinite_count=jnp.zeros([], jnp.int32))
+
+    def update_fn(grads, state: SAMState, params: Params | None = None, *,
+                  grad_fn: Callable[[Params], Params] | None = None, **extra_args):
+        if grad_fn is None:
+            raise ValueError("sam: update needs grad_fn=..., a function params -> gradient on "
+                             "the current batch")
+        if params is None:
+            raise ValueError("sam: update needs params, the weights w the perturbation "
+                             "starts from")
+        # (1) gradient at the centre: the caller computed it on this batch
+        g = grads
+        finite = jnp.isfinite(global_norm(g))
+        # (2) ascend to w + e(w)
+        perturbed = ascend(params, perturbation(g, params, rho, adaptive, eta, perturb_eps))
+        # (3) gradient at the perturbed point, same batch
+        g_adv = grad_fn(perturbed)
+        finite = finite & jnp.isfinite(global_norm(g_adv))
+        # (4) restore w: JAX is functional, so ``params`` was never changed
+        # (5) base step at w with d = g_adv; a non-finite g or g_adv skips the step instead
+        #     (``lax.cond`` selects a branch, so no NaN can leak through arithmetic)
+        updates, base_state = jax.lax.cond(
+            finite,
+            lambda: base.update(g_adv, state.base_state, params, **extra_args),
+            lambda: (jax.tree.map(jnp.zeros_like, g_adv), state.base_state),
+        )
+        notfinite_count = jnp.where(finite, state.notfinite_count, state.notfinite_count + 1)
+        return updates, SAMState(base_state=base_state, notfinite_count=notfinite_count)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
