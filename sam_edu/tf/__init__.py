@@ -1,0 +1,38 @@
+"""SAM for TensorFlow / Keras 3: a Keras optimizer, a ``model.fit`` train step, the pure math.
+
+Needs Keras 3 on the TensorFlow backend; ``KERAS_BACKEND`` defaults to ``tensorflow`` here.
+"""
+
+import os
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+import keras  # noqa: E402
+
+if keras.backend.backend() != "tensorflow":
+    raise ImportError("sam_edu.tf needs Keras on the TensorFlow backend (KERAS_BACKEND="
+                      f"tensorflow); Keras is running on {keras.backend.backend()!r}")
+
+from sam_edu.tf.sam import (  # noqa: E402
+    SAM,
+    asam_perturbation,
+    ascend,
+    centralize_gradient,
+    global_norm,
+    perturbation,
+    sam_perturbation,
+    sam_train_step,
+    scale_operator,
+)
+
+__all__ = [
+    "SAM",
+    "asam_perturbation",
+    "ascend",
+    "centralize_gradient",
+    "global_norm",
+    "perturbation",
+    "sam_perturbation",
+    "sam_train_step",
+    "scale_operator",
+]

@@ -1,0 +1,343 @@
+"""SAM and ASAM for TensorFlow / Keras 3.
+
+SAM (Foret, Kleiner, Mobahi, Neyshabur, ICLR 2021, arXiv:2010.01412) minimises the worst loss in a
+ball of radius ``rho`` around the weights::
+
+    min_w  max_{||e|| <= rho}  L_B(w + e)
+
+A first-order Taylor expansion of the inner maximum gives its solution in closed form (the dual
+norm of the L2 norm is the L2 norm)::
+
+    e(w) = rho * g / ||g||,        g = grad L_B(w)
+
+and the gradient of the SAM objective, dropping the second-order term, is ``grad L_B(w + e(w))``.
+
+ASAM (Kwon, Kim, Park, Choi, ICML 2021, arXiv:2102.11600) measures the ball in a weight-scaled
+metric with the element-wise operator ``T_w = |w| + eta``, which makes sharpness invariant to
+rescalings of the weights that leave the network's function unchanged::
+
+    e(w) = rho * T_w^2 g / ||T_w g||
+
+One generic step, numbered as every implementation in ``sam_edu`` numbers it:
+
+1. gradient at the centre: ``g = grad L_B(w)``
+2. ascend: ``w <- w + e(w)``
+3. gradient at the perturbed point on the same batch: ``g_adv = grad L_B(w + e)``
+4. restore ``w`` exactly
+5. base step at ``w`` with the direction ``d = g_adv``
+
+Keras hands an optimizer one gradient per step, so the two passes live in the caller: a custom
+``tf.function`` loop calls :meth:`SAM.first_step` after pass 1 and :meth:`SAM.second_step` after
+pass 2, and ``model.fit`` runs both through :func:`sam_train_step` in the model's ``train_step``.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Sequence
+
+import keras
+import tensorflow as tf
+
+Params = list[tf.Tensor]
+
+
+def global_norm(tree: Params) -> tf.Tensor:
+    """``||v|| = sqrt(sum_i sum_j v_ij^2)``: one L2 norm over all tensors together."""
+    return tf.sqrt(tf.add_n([tf.reduce_sum(v * v) for v in tree]))
+
+
+def _per_tensor(value, n: int) -> list:
+    """Broadcast a scalar setting to one value per tensor (or check a per-tensor sequence)."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != n:
+            raise ValueError(f"expected {n} per-tensor values, got {len(value)}")
+        return list(value)
+    return [value] * n
+
+
+def scale_operator(params: Params, eta: float | Sequence[float] = 0.0,
+                   adaptive: bool | Sequence[bool] = True) -> Params:
+    """ASAM's element-wise operator ``T_w = |w| + eta`` (``T_w = 1`` for tensors left unscaled).
+
+    ``adaptive`` may be one flag or one flag per tensor: the official ASAM code scales weight
+    tensors only and leaves biases and BatchNorm shifts unscaled.
+    """
+    etas = _per_tensor(eta, len(params))
+    flags = _per_tensor(adaptive, len(params))
+    return [tf.abs(w) + e if a else tf.ones_like(w) for w, e, a in zip(params, etas, flags)]
+
+
+def sam_perturbation(grads: Params, rho: float = 0.05, perturb_eps: float = 1e-12) -> Params:
+    """SAM's ascent step ``e = rho * g / (||g|| + perturb_eps)``; a zero gradient gives ``e = 0``."""
+    scale = rho / (global_norm(grads) + perturb_eps)
+    return [scale * g for g in grads]
+
+
+def asam_perturbation(grads: Params, params: Params, rho: float = 0.05, eta: float = 0.0,
+                      adaptive: bool | Sequence[bool] = True,
+                      perturb_eps: float = 1e-12) -> Params:
+    """ASAM's ascent step ``e = rho * T_w^2 g / (||T_w g|| + perturb_eps)``."""
+    t = scale_operator(params, eta, adaptive)
+    scale = rho / (global_norm([tw * g for tw, g in zip(t, grads)]) + perturb_eps)
+    return [scale * tw * tw * g for tw, g in zip(t, grads)]
+
+
+def centralize_gradient(grad: tf.Tensor, out_axis: int = -1) -> tf.Tensor:
+    """Gradient centralisation: subtract the mean over every axis except the output-channel axis.
+
+    Vectors (biases) are left alone. Keras kernels keep the output axis last (``out_axis=-1``);
+    PyTorch weights keep it first (``out_axis=0``).
+    """
+    if grad.ndim < 2:
+        return grad
+    axes = [a for a in range(grad.ndim) if a != out_axis % grad.ndim]
+    return grad - tf.reduce_mean(grad, axis=axes, keepdims=True)
+
+
+def perturbation(grads: Params, params: Params, rho: float | Sequence[float] = 0.05,
+                 adaptive: bool | Sequence[bool] = False, eta: float | Sequence[float] = 0.0,
+                 perturb_eps: float = 1e-12) -> Params:
+    """The perturbation ``e(w)`` with settings per tensor, as the framework optimizers allow.
+
+    ``e_i = rho_i * T_i^2 g_i / (||T g|| + perturb_eps)``, the norm global over all tensors and
+    ``T_i = |w_i| + eta_i`` where ``adaptive_i`` (ASAM) else ``1`` (SAM). With one ``rho`` and
+    ``adaptive=False`` this is :func:`sam_perturbation`; with ``adaptive=True``,
+    :func:`asam_perturbation`.
+    """
+    rhos = _per_tensor(rho, len(params))
+    t = scale_operator(params, eta, adaptive)
+    norm = global_norm([tw * g for tw, g in zip(t, grads)])
+    return [r * tw * tw * g / (norm + perturb_eps) for r, tw, g in zip(rhos, t, grads)]
+
+
+def ascend(params: Params, e: Params) -> Params:
+    """Step (2): the perturbed point ``w + e``."""
+    return [w + ew for w, ew in zip(params, e)]
+
+
+def _check_finite(grads: list, message: str) -> list:
+    """The gradients as dense tensors, each checked for NaN and Inf (``None`` passes through).
+
+    The check sits on the data path, so inside a ``tf.function`` every op that uses a checked
+    gradient runs after it; a failure raises ``tf.errors.InvalidArgumentError`` with ``message``.
+    """
+    return [None if g is None else tf.debugging.assert_all_finite(tf.convert_to_tensor(g), message)
+            for g in grads]
+
+
+def _assign(variable, value):
+    """``variable <- value``, returning the assignment itself so later ops can wait for it.
+
+    ``keras.Variable.assign`` returns the assigned *value*, which carries no dependency on the
+    write; the TensorFlow variable inside it returns the write.
+    """
+    if isinstance(variable, keras.Variable):
+        variable = variable.value
+    return variable.assign(value)
+
+
+# Keras optimizer arguments SAM does not take (yet). Accepting them would mean ignoring them.
+_KERAS_ARGUMENTS = ("learning_rate", "weight_decay", "clipnorm", "clipvalue", "global_clipnorm",
+                    "use_ema", "ema_momentum", "ema_overwrite_frequency", "loss_scale_factor",
+                    "gradient_accumulation_steps")
+
+
+@keras.saving.register_keras_serializable(package="sam_edu")
+class SAM(keras.optimizers.Optimizer):
+    """Sharpness-Aware Minimization around any Keras optimizer (ASAM with ``adaptive=True``).
+
+    ``e = rho * T^2 g / (||T g|| + perturb_eps)`` with ``T = |w| + eta`` if ``adaptive`` else
+    ``T = 1``; the norm is global over all variables. With ``use_gc`` the ascent gradient is
+    centralised first (:func:`centralize_gradient`, Keras' output axis last). The base optimizer
+    owns the learning rate, its schedule, weight decay and its state; it steps at ``w`` with
+    ``g_adv`` and never sees the perturbation.
+
+    Call :meth:`first_step` with the gradient at ``w`` and :meth:`second_step` with the gradient
+    at ``w + e`` (both work eagerly and inside ``tf.function``), or put :func:`sam_train_step` in
+    the model's ``train_step`` for ``model.fit``.
+    """
+
+    def __init__(self, base_optimizer, rho=0.05, adaptive=False, use_gc=False,
+                 perturb_eps=1e-12, eta=0.0, name="sam", **kwargs):
+        if kwargs:
+            names = ", ".join(f"`{k}`" for k in kwargs)
+            known = [k for k in kwargs if k in _KERAS_ARGUMENTS]
+            hint = (" Set the learning rate, weight decay, clipping (global_clipnorm keeps the "
+                    "direction) and EMA on base_optimizer: it applies them to the step at w "
+                    "with g_adv. Loss scaling and gradient accumulation are not supported yet."
+                    if known else "")
+            raise ValueError(f"SAM does not accept the argument(s) {names}.{hint}")
+        if not isinstance(base_optimizer, keras.optimizers.Optimizer):
+            raise ValueError("base_optimizer must be a keras.optimizers.Optimizer instance, got "
+                             f"{type(base_optimizer).__name__}")
+        if (isinstance(base_optimizer, keras.optimizers.LossScaleOptimizer)
+                or base_optimizer.loss_scale_factor is not None):
+            raise ValueError("base_optimizer uses loss scaling (mixed precision), which SAM does "
+                             "not support yet: each pass would need its own unscaling")
+        for arg, value in (("rho", rho), ("eta", eta), ("perturb_eps", perturb_eps)):
+            if not value >= 0:
+                raise ValueError(f"{arg} must be >= 0, got {value}")
+        super().__init__(learning_rate=0.0, name=name)
+        self.base_optimizer = base_optimizer
+        self.rho = rho
+        self.adaptive = adaptive
+        self.use_gc = use_gc
+        self.perturb_eps = perturb_eps
+        self.eta = eta
+
+    def build(self, var_list):
+        """Create a backup of every variable (to restore ``w`` exactly) and build the base."""
+        self._backups = self.add_optimizer_variables(var_list, "sam_backup")
+        self.base_optimizer.build(var_list)
+        super().build(var_list)
+
+    @property
+    def variables(self):
+        return self._variables + self.base_optimizer.variables
+
+    @property
+    def learning_rate(self):
+        return self.base_optimizer.learning_rate
+
+    @learning_rate.setter
+    def learning_rate(self, learning_rate):
+        self.base_optimizer.learning_rate = learning_rate
+
+    @property
+    def iterations(self):
+        return self.base_optimizer.iterations
+
+    def first_step(self, gradients, variables):
+        """Steps (1)-(2): save ``w`` and move to ``w + e(w)``, given ``g`` at ``w``.
+
+        A non-finite ``g`` raises ``tf.errors.InvalidArgumentError`` before any weight moves.
+        """
+        variables = list(variables)
+        if not self.built:
+            self.build(variables)
+        self._check_variables_are_known(variables)
+        # (1) gradient at the centre (computed by the caller); an unconnected variable has g = 0
+        g = _check_finite(gradients, "non-finite gradient at w; the weights were not changed")
+        g = [tf.zeros_like(v) if t is None else t for t, v in zip(g, variables)]
+        if self.use_gc:
+            g = [centralize_gradient(t, out_axis=-1) for t in g]
+        params = [tf.convert_to_tensor(v) for v in variables]
+        for v, w in zip(variables, params):
+            self._backups[self._get_variable_index(v)].assign(w)
+        # (2) ascend to w + e(w)
+        e = perturbation(g, params, self.rho, self.adaptive, self.eta, self.perturb_eps)
+        for v, w_e in zip(variables, ascend(params, e)):
+            v.assign(w_e)
+
+    def second_step(self, gradients, variables):
+        """Steps (3)-(5): restore ``w`` and let the base optimizer step with ``g_adv``.
+
+        A non-finite ``g_adv`` raises ``tf.errors.InvalidArgumentError`` after ``w`` is restored
+        and before the base optimizer sees it.
+        """
+        variables = list(variables)
+        self._check_variables_are_known(variables)
+        # (3) gradient at the perturbed point, same batch (computed by the caller)
+        # (4) restore w: copy back the saved tensor (subtracting e would not give w back exactly)
+        restored = [_assign(v, self._backups[self._get_variable_index(v)]) for v in variables]
+        with tf.control_dependencies(restored):
+            g_adv = _check_finite(gradients, "non-finite gradient at w + e; the weights were "
+                                             "restored to w and not updated")
+        # (5) base step at w with d = g_adv
+        self.base_optimizer.apply_gradients(zip(g_adv, variables))
+
+    def apply(self, grads, trainable_variables=None):
+        raise NotImplementedError(
+            "SAM needs a second gradient, at the perturbed point w + e on the same batch, which "
+            "apply()/apply_gradients() (and a plain model.fit) cannot give it. Override the "
+            "model's train_step with `return sam_edu.tf.sam_train_step(self, data)`, or call "
+            "first_step(gradients, variables) and second_step(gradients, variables) in your "
+            "own training loop.")
+
+    def finalize_variable_values(self, var_list):
+        self.base_optimizer.finalize_variable_values(var_list)
+
+    def get_config(self):
+        # Not super().get_config(): SAM takes none of the Keras optimizer arguments.
+        return {
+            "name": self.name,
+            "base_optimizer": keras.optimizers.serialize(self.base_optimizer),
+            "rho": self.rho,
+            "adaptive": self.adaptive,
+            "use_gc": self.use_gc,
+            "perturb_eps": self.perturb_eps,
+            "eta": self.eta,
+        }
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        # a copy: keras.optimizers.deserialize rewrites "class_name" in the dict it is given
+        base = keras.optimizers.deserialize(dict(config.pop("base_optimizer")),
+                                            custom_objects=custom_objects)
+        return cls(base, **config)
+
+
+# The SAM wrapper around a plain compiled optimizer, one per model, created on first use.
+_PLAIN_SAM = weakref.WeakKeyDictionary()
+
+
+def _sam_for(model, rho) -> SAM:
+    """``model.optimizer`` if it is a :class:`SAM`, else a SAM (``rho``, default 0.05) around it."""
+    optimizer = model.optimizer
+    if isinstance(optimizer, SAM):
+        if rho is not None and rho != optimizer.rho:
+            raise ValueError(f"rho={rho} given, but the compiled SAM optimizer has "
+                             f"rho={optimizer.rho}; set rho on the optimizer only")
+        return optimizer
+    rho = 0.05 if rho is None else rho
+    sam = _PLAIN_SAM.get(model)
+    if sam is None or sam.base_optimizer is not optimizer or sam.rho != rho:
+        sam = _PLAIN_SAM[model] = SAM(optimizer, rho=rho)
+    return sam
+
+
+def sam_train_step(model, data, rho=None):
+    """One exact SAM step for ``model.fit``: both passes on the same batch.
+
+    Use it as ``def train_step(self, data): return sam_train_step(self, data)``. With a compiled
+    :class:`SAM` its settings are used; with any other compiled optimizer that optimizer is the
+    base of a plain SAM with radius ``rho`` (default 0.05). The loss and metrics logged are
+    those of the clean pass at ``w``, and state that pass 2 changes besides the weights (BatchNorm
+    moving statistics, per-output loss trackers) is put back to its value after pass 1.
+    Dropout draws new masks in pass 2.
+    """
+    x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+    optimizer = _sam_for(model, rho)
+    variables = model.trainable_variables
+
+    # (1) gradient at the centre; this clean pass is the one that is logged
+    with tf.GradientTape() as tape:
+        y_pred = model(x, training=True)
+        loss = model.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight,
+                                  training=True)
+    gradients = tape.gradient(loss, variables)
+    # (2) ascend to w + e(w)
+    optimizer.first_step(gradients, variables)
+    # Pass 2 would update BatchNorm's moving statistics again (and, for a model with several
+    # outputs, its per-output loss trackers). Keras updates moving = moving*momentum +
+    # batch*(1-momentum), so momentum=0 would overwrite them; instead we save everything
+    # non-trainable after pass 1 and copy it back after pass 2, which covers any stateful layer.
+    # `non_trainable_weights` leaves out the random-seed states, so dropout keeps drawing fresh
+    # masks rather than replaying pass 2's in the next step.
+    state = model.non_trainable_weights + model.metrics_variables
+    saved = [tf.identity(v) for v in state]
+
+    # (3) gradient at the perturbed point, same batch
+    with tf.GradientTape() as tape:
+        loss_adv = model.compute_loss(x=x, y=y, y_pred=model(x, training=True),
+                                      sample_weight=sample_weight, training=True)
+    for v, value in zip(state, saved):
+        v.assign(value)
+    # (4) restore w and (5) base step at w with d = g_adv
+    optimizer.second_step(tape.gradient(loss_adv, variables), variables)
+
+    loss_tracker = next(m for m in model.metrics if m.name == "loss")
+    loss_tracker.update_state(loss, sample_weight=tf.shape(keras.tree.flatten(x)[0])[0])
+    return model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
