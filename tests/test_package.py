@@ -21,14 +21,15 @@ def test_core_imports_no_framework(module):
     assert _imported_after(f"import {module}") == set()
 
 
-@pytest.mark.parametrize("module,allowed", [
-    ("sam_edu.torch", {"torch"}),
-    ("sam_edu.jax", {"jax", "optax"}),
-    ("sam_edu.tf", {"tensorflow", "keras"}),
+@pytest.mark.parametrize("module,framework", [
+    ("sam_edu.torch", "torch"),
+    ("sam_edu.jax", "jax, optax"),
+    ("sam_edu.tf", "tensorflow, keras"),
 ])
-def test_framework_subpackage_imports_only_its_framework(module, allowed):
+def test_framework_subpackage_imports_only_its_framework(module, framework):
     pytest.importorskip(module)
-    assert _imported_after(f"import {module}") <= allowed
+    # what the framework drags in by itself is its business (TF 2.21 imports jax when present)
+    assert _imported_after(f"import {module}") <= _imported_after(f"import {framework}")
 
 
 def test_profile_defaults_to_quick(monkeypatch):

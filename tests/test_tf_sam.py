@@ -519,3 +519,24 @@ def test_learning_rate_and_iterations_belong_to_the_base_optimizer():
     variables = [tf.Variable([1.0, 2.0])]
     _two_pass_step(opt, variables, lambda v, x, y: tf.reduce_sum(v[0] ** 2))(None, None)
     assert int(opt.iterations) == int(base.iterations) == 1
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "tf.function"])
+def test_first_and_second_step_must_alternate(compiled):
+    w = tf.Variable([1.0, -2.0])
+    opt = SAM(keras.optimizers.SGD(learning_rate=0.1), rho=0.1)
+    first = tf.function(opt.first_step) if compiled else opt.first_step
+    second = tf.function(opt.second_step) if compiled else opt.second_step
+    grads = [tf.constant([0.5, 0.25])]
+    with pytest.raises(RuntimeError, match="before first_step"):
+        opt.second_step(grads, [w])
+    first(grads, [w])
+    perturbed = w.numpy().copy()
+    with pytest.raises(tf.errors.InvalidArgumentError, match="first_step\\(\\) called twice"):
+        first(grads, [w])
+    np.testing.assert_array_equal(w.numpy(), perturbed)  # the saved w was not overwritten
+    second(grads, [w])
+    stepped = w.numpy().copy()
+    with pytest.raises(tf.errors.InvalidArgumentError, match="without first_step"):
+        second(grads, [w])
+    np.testing.assert_array_equal(w.numpy(), stepped)  # no stale w restored

@@ -126,6 +126,11 @@ def _check_finite(grads: list, message: str) -> list:
             for g in grads]
 
 
+def _check_flag(flag, expected: int, message: str):
+    """Raise ``tf.errors.InvalidArgumentError`` with ``message`` unless ``flag == expected``."""
+    return tf.debugging.assert_equal(tf.convert_to_tensor(flag), expected, message=message)
+
+
 def _assign(variable, value):
     """``variable <- value``, returning the assignment itself so later ops can wait for it.
 
@@ -189,6 +194,9 @@ class SAM(keras.optimizers.Optimizer):
     def build(self, var_list):
         """Create a backup of every variable (to restore ``w`` exactly) and build the base."""
         self._backups = self.add_optimizer_variables(var_list, "sam_backup")
+        # 1 between first_step and second_step: pairs the two calls, inside tf.function too
+        self._perturbed = self.add_variable(shape=(), initializer="zeros", dtype="int32",
+                                            name="sam_perturbed")
         self.base_optimizer.build(var_list)
         super().build(var_list)
 
@@ -218,17 +226,21 @@ class SAM(keras.optimizers.Optimizer):
             self.build(variables)
         self._check_variables_are_known(variables)
         # (1) gradient at the centre (computed by the caller); an unconnected variable has g = 0
-        g = _check_finite(gradients, "non-finite gradient at w; the weights were not changed")
-        g = [tf.zeros_like(v) if t is None else t for t, v in zip(g, variables)]
-        if self.use_gc:
-            g = [centralize_gradient(t, out_axis=-1) for t in g]
-        params = [tf.convert_to_tensor(v) for v in variables]
-        for v, w in zip(variables, params):
-            self._backups[self._get_variable_index(v)].assign(w)
-        # (2) ascend to w + e(w)
-        e = perturbation(g, params, self.rho, self.adaptive, self.eta, self.perturb_eps)
-        for v, w_e in zip(variables, ascend(params, e)):
-            v.assign(w_e)
+        paired = _check_flag(self._perturbed, 0, "first_step() called twice: call "
+                                                 "second_step() to restore w first")
+        with tf.control_dependencies([paired]):  # nothing below runs if the check fails
+            g = _check_finite(gradients, "non-finite gradient at w; the weights were not changed")
+            g = [tf.zeros_like(v) if t is None else t for t, v in zip(g, variables)]
+            if self.use_gc:
+                g = [centralize_gradient(t, out_axis=-1) for t in g]
+            params = [tf.convert_to_tensor(v) for v in variables]
+            for v, w in zip(variables, params):
+                self._backups[self._get_variable_index(v)].assign(w)
+            # (2) ascend to w + e(w)
+            e = perturbation(g, params, self.rho, self.adaptive, self.eta, self.perturb_eps)
+            for v, w_e in zip(variables, ascend(params, e)):
+                v.assign(w_e)
+            self._perturbed.assign(1)
 
     def second_step(self, gradients, variables):
         """Steps (3)-(5): restore ``w`` and let the base optimizer step with ``g_adv``.
@@ -237,10 +249,16 @@ class SAM(keras.optimizers.Optimizer):
         and before the base optimizer sees it.
         """
         variables = list(variables)
+        if not self.built:
+            raise RuntimeError("second_step() called before first_step(): there is no w to restore")
         self._check_variables_are_known(variables)
         # (3) gradient at the perturbed point, same batch (computed by the caller)
         # (4) restore w: copy back the saved tensor (subtracting e would not give w back exactly)
-        restored = [_assign(v, self._backups[self._get_variable_index(v)]) for v in variables]
+        with tf.control_dependencies([_check_flag(self._perturbed, 1, "second_step() called "
+                                                  "without first_step(): no w to restore")]):
+            restored = [_assign(v, self._backups[self._get_variable_index(v)])
+                        for v in variables]
+        self._perturbed.assign(0)
         with tf.control_dependencies(restored):
             g_adv = _check_finite(gradients, "non-finite gradient at w + e; the weights were "
                                              "restored to w and not updated")
