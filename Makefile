@@ -9,15 +9,12 @@ STAMP := $(VENV)/.installed
 export SAM_EDU_PROFILE ?= quick
 export TF_CPP_MIN_LOG_LEVEL ?= 3
 export KERAS_BACKEND ?= tensorflow
-export MPLBACKEND ?= Agg
 
 .PHONY: test book clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet --constraint constraints.txt --editable ".[all]" 2>&1 \
-	  | grep -v "^WARNING: Location" || true
+	$(BIN)/pip install --quiet --constraint constraints.txt --editable ".[all]"
 	$(BIN)/python -c "import sam_edu, torch, jax, optax, tensorflow, keras, nbval, jupyter_book"
 	touch $(STAMP)
 
