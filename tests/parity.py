@@ -69,3 +69,72 @@ def assert_trajectories_close(got: list[list[np.ndarray]], want: list[list[np.nd
         for i, (g, w) in enumerate(zip(g_step, w_step)):
             np.testing.assert_allclose(g, w, rtol=0, atol=tol,
                                        err_msg=f"step {step}, tensor {i}")
+
+
+# GSAM: rho constant or a linear schedule over the steps (each framework builds its own native
+# schedule: a Python function in PyTorch, optax.linear_schedule, keras PolynomialDecay(power=1)).
+RHO_SCHEDULE = dict(init_value=0.1, end_value=0.02, transition_steps=STEPS)
+
+
+def linear_rho(step: int) -> float:
+    """``rho_t`` of ``RHO_SCHEDULE`` at step ``t = 0, 1, ...`` (the value used by step t + 1)."""
+    s = RHO_SCHEDULE
+    frac = min(step, s["transition_steps"]) / s["transition_steps"]
+    return s["init_value"] + (s["end_value"] - s["init_value"]) * frac
+
+
+GSAM_CASES = [
+    ("gsam-sgd", dict(rho=0.05, alpha=0.4, adaptive=False), dict(lr=0.1, momentum=0.0)),
+    ("gsam-momentum-schedule", dict(rho="linear", alpha=0.4, adaptive=False),
+     dict(lr=0.1, momentum=0.9)),
+    ("gsam-adaptive", dict(rho=0.5, alpha=0.2, adaptive=True), dict(lr=0.1, momentum=0.9)),
+]
+gsam_case_params = pytest.mark.parametrize(
+    "gsam_kwargs,base_kwargs", [pytest.param(s, b, id=i) for i, s, b in GSAM_CASES]
+)
+
+WSAM_CASES = [
+    ("wsam-decoupled-sgd", dict(rho=0.05, gamma=0.9, decouple=True, max_norm=None, adaptive=False),
+     dict(lr=0.1, momentum=0.0)),
+    ("wsam-decoupled-momentum", dict(rho=0.05, gamma=0.8, decouple=True, max_norm=None,
+                                     adaptive=False), dict(lr=0.1, momentum=0.9)),
+    ("wsam-coupled-momentum", dict(rho=0.05, gamma=0.9, decouple=False, max_norm=None,
+                                   adaptive=False), dict(lr=0.1, momentum=0.9)),
+    ("wsam-clipped-adaptive", dict(rho=0.5, gamma=0.7, decouple=True, max_norm=0.3,
+                                   adaptive=True), dict(lr=0.1, momentum=0.9)),
+]
+wsam_case_params = pytest.mark.parametrize(
+    "wsam_kwargs,base_kwargs", [pytest.param(s, b, id=i) for i, s, b in WSAM_CASES]
+)
+
+
+def _trajectory(variant_step, base_kwargs):
+    params = init_params()
+    buffers = ref.sgd_init(params)
+    out = []
+    for t, (x, y) in enumerate(batches()):
+        def base_update(w, d):
+            nonlocal buffers
+            new, buffers = ref.sgd_update(w, d, buffers, **base_kwargs)
+            return new
+
+        params = variant_step(t, params, lambda w: ref.mlp_loss_and_grad(w, x, y)[1], base_update)
+        out.append(params)
+    return out
+
+
+def gsam_reference_trajectory(gsam_kwargs: dict, base_kwargs: dict) -> list[list[np.ndarray]]:
+    """Weights after each GSAM step; ``rho="linear"`` means :func:`linear_rho`."""
+    kwargs = dict(gsam_kwargs)
+    rho = kwargs.pop("rho")
+    return _trajectory(
+        lambda t, w, grad, base: ref.gsam_step(
+            w, grad, base, rho=linear_rho(t) if rho == "linear" else rho, **kwargs),
+        base_kwargs)
+
+
+def wsam_reference_trajectory(wsam_kwargs: dict, base_kwargs: dict) -> list[list[np.ndarray]]:
+    """Weights after each WSAM step."""
+    return _trajectory(
+        lambda t, w, grad, base: ref.wsam_step(w, grad, base, lr=base_kwargs["lr"], **wsam_kwargs),
+        base_kwargs)

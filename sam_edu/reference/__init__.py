@@ -6,6 +6,13 @@ These functions are the oracle that every framework implementation is tested aga
 """
 
 from sam_edu.reference.base import sgd_init, sgd_update
+from sam_edu.reference.gsam import (
+    decompose,
+    gsam_direction,
+    gsam_perturbation,
+    gsam_step,
+    lr_proportional_rho,
+)
 from sam_edu.reference.problems import (
     mlp_init,
     mlp_loss,
@@ -24,9 +31,24 @@ from sam_edu.reference.sam import (
     sam_step,
     scale_operator,
 )
+from sam_edu.reference.wsam import (
+    clip_by_global_norm,
+    sharpness_weight,
+    wsam_direction,
+    wsam_step,
+)
 
 __all__ = [
     "ascend",
+    "clip_by_global_norm",
+    "decompose",
+    "gsam_direction",
+    "gsam_perturbation",
+    "gsam_step",
+    "lr_proportional_rho",
+    "sharpness_weight",
+    "wsam_direction",
+    "wsam_step",
     "asam_perturbation",
     "centralize_gradient",
     "global_norm",
