@@ -116,6 +116,21 @@ def ascend(params: Params, e: Params) -> Params:
     return [w + ew for w, ew in zip(params, e)]
 
 
+def _model_reference(model):
+    """GSAM's and WSAM's ``model``: ``None`` or a ``keras.Model``, held weakly.
+
+    The seed passed the model for BatchNorm handling; in ``sam_edu`` that lives in
+    :func:`sam_train_step`, which uses it to check that the optimizer trains this model. A weak
+    reference keeps the model out of the optimizer's checkpoint and breaks the cycle
+    ``model.optimizer.model``.
+    """
+    if model is None:
+        return None
+    if not isinstance(model, keras.Model):
+        raise ValueError(f"model must be a keras.Model or None, got {type(model).__name__}")
+    return weakref.ref(model)
+
+
 def _check_finite(grads: list, message: str) -> list:
     """The gradients as dense tensors, each checked for NaN and Inf (``None`` passes through).
 
@@ -148,6 +163,18 @@ _KERAS_ARGUMENTS = ("learning_rate", "weight_decay", "clipnorm", "clipvalue", "g
                     "gradient_accumulation_steps")
 
 
+def _refuse_arguments(owner: str, kwargs: dict) -> None:
+    """Raise ``ValueError`` for any argument ``owner`` was given and does not take."""
+    if kwargs:
+        names = ", ".join(f"`{k}`" for k in kwargs)
+        known = [k for k in kwargs if k in _KERAS_ARGUMENTS]
+        hint = (" Set the learning rate, weight decay, clipping (global_clipnorm keeps the "
+                "direction) and EMA on base_optimizer: it applies them to the step at w "
+                "with g_adv. Loss scaling and gradient accumulation are not supported yet."
+                if known else "")
+        raise ValueError(f"{owner} does not accept the argument(s) {names}.{hint}")
+
+
 @keras.saving.register_keras_serializable(package="sam_edu")
 class SAM(keras.optimizers.Optimizer):
     """Sharpness-Aware Minimization around any Keras optimizer (ASAM with ``adaptive=True``).
@@ -165,21 +192,15 @@ class SAM(keras.optimizers.Optimizer):
 
     def __init__(self, base_optimizer, rho=0.05, adaptive=False, use_gc=False,
                  perturb_eps=1e-12, eta=0.0, name="sam", **kwargs):
-        if kwargs:
-            names = ", ".join(f"`{k}`" for k in kwargs)
-            known = [k for k in kwargs if k in _KERAS_ARGUMENTS]
-            hint = (" Set the learning rate, weight decay, clipping (global_clipnorm keeps the "
-                    "direction) and EMA on base_optimizer: it applies them to the step at w "
-                    "with g_adv. Loss scaling and gradient accumulation are not supported yet."
-                    if known else "")
-            raise ValueError(f"SAM does not accept the argument(s) {names}.{hint}")
+        cls = type(self).__name__
+        _refuse_arguments(cls, kwargs)
         if not isinstance(base_optimizer, keras.optimizers.Optimizer):
             raise ValueError("base_optimizer must be a keras.optimizers.Optimizer instance, got "
                              f"{type(base_optimizer).__name__}")
         if (isinstance(base_optimizer, keras.optimizers.LossScaleOptimizer)
                 or base_optimizer.loss_scale_factor is not None):
-            raise ValueError("base_optimizer uses loss scaling (mixed precision), which SAM does "
-                             "not support yet: each pass would need its own unscaling")
+            raise ValueError(f"base_optimizer uses loss scaling (mixed precision), which {cls} "
+                             "does not support yet: each pass would need its own unscaling")
         for arg, value in (("rho", rho), ("eta", eta), ("perturb_eps", perturb_eps)):
             if not value >= 0:
                 raise ValueError(f"{arg} must be >= 0, got {value}")
@@ -191,9 +212,21 @@ class SAM(keras.optimizers.Optimizer):
         self.perturb_eps = perturb_eps
         self.eta = eta
 
+    # GSAM and WSAM build their direction from g_adv *and* g: they keep g from step (1) to (5)
+    _keeps_centre_gradient = False
+    # GSAM's and WSAM's `model` (see _model_reference)
+    _model_ref = None
+
+    @property
+    def model(self):
+        """The model this optimizer was built for (GSAM's and WSAM's ``model``), or ``None``."""
+        return None if self._model_ref is None else self._model_ref()
+
     def build(self, var_list):
         """Create a backup of every variable (to restore ``w`` exactly) and build the base."""
         self._backups = self.add_optimizer_variables(var_list, "sam_backup")
+        if self._keeps_centre_gradient:
+            self._centre_gradients = self.add_optimizer_variables(var_list, "sam_centre_gradient")
         # 1 between first_step and second_step: pairs the two calls, inside tf.function too
         self._perturbed = self.add_variable(shape=(), initializer="zeros", dtype="int32",
                                             name="sam_perturbed")
@@ -234,13 +267,15 @@ class SAM(keras.optimizers.Optimizer):
             if self.use_gc:
                 g = [centralize_gradient(t, out_axis=-1) for t in g]
             params = [tf.convert_to_tensor(v) for v in variables]
-            for v, w in zip(variables, params):
+            for v, w, t in zip(variables, params, g):
                 self._backups[self._get_variable_index(v)].assign(w)
+                if self._keeps_centre_gradient:
+                    self._centre_gradients[self._get_variable_index(v)].assign(t)
             # (2) ascend to w + e(w)
-            e = perturbation(g, params, self.rho, self.adaptive, self.eta, self.perturb_eps)
-            for v, w_e in zip(variables, ascend(params, e)):
-                v.assign(w_e)
-            self._perturbed.assign(1)
+            e = self._perturbation(g, params)
+            moved = [_assign(v, w_e) for v, w_e in zip(variables, ascend(params, e))]
+            with tf.control_dependencies(moved):  # not set if the check on g fails
+                self._perturbed.assign(1)
 
     def second_step(self, gradients, variables):
         """Steps (3)-(5): restore ``w`` and let the base optimizer step with ``g_adv``.
@@ -258,12 +293,26 @@ class SAM(keras.optimizers.Optimizer):
                                                   "without first_step(): no w to restore")]):
             restored = [_assign(v, self._backups[self._get_variable_index(v)])
                         for v in variables]
-        self._perturbed.assign(0)
+            # w is back: the next first_step may run, even if the check below fails
+            restored.append(_assign(self._perturbed, 0))
         with tf.control_dependencies(restored):
             g_adv = _check_finite(gradients, "non-finite gradient at w + e; the weights were "
                                              "restored to w and not updated")
-        # (5) base step at w with d = g_adv
+        # (5) base step at w
+        self._step_at_w(g_adv, variables)
+
+    def _perturbation(self, g, params):
+        """Step (2)'s ``e(w)``: SAM's, or ASAM's with ``adaptive``."""
+        return perturbation(g, params, self.rho, self.adaptive, self.eta, self.perturb_eps)
+
+    def _step_at_w(self, g_adv, variables):
+        """Step (5): the base optimizer steps at ``w`` with ``d = g_adv``."""
         self.base_optimizer.apply_gradients(zip(g_adv, variables))
+
+    def _centre_gradient(self, variables):
+        """The gradient ``g`` at ``w`` that :meth:`first_step` kept (GSAM and WSAM)."""
+        return [tf.convert_to_tensor(self._centre_gradients[self._get_variable_index(v)])
+                for v in variables]
 
     def apply(self, grads, trainable_variables=None):
         raise NotImplementedError(
@@ -302,9 +351,14 @@ _PLAIN_SAM = weakref.WeakKeyDictionary()
 
 
 def _sam_for(model, rho) -> SAM:
-    """``model.optimizer`` if it is a :class:`SAM`, else a SAM (``rho``, default 0.05) around it."""
+    """``model.optimizer`` if it is a :class:`SAM` (GSAM and WSAM are: checked to train ``model``),
+    else a SAM (``rho``, default 0.05) around it."""
     optimizer = model.optimizer
     if isinstance(optimizer, SAM):
+        if optimizer.model is not None and optimizer.model is not model:
+            raise ValueError(f"the compiled {type(optimizer).__name__} was built with "
+                             f"model={optimizer.model.name!r} but is training {model.name!r}: "
+                             "pass it the model it trains, or model=None")
         if rho is not None and rho != optimizer.rho:
             raise ValueError(f"rho={rho} given, but the compiled SAM optimizer has "
                              f"rho={optimizer.rho}; set rho on the optimizer only")
@@ -320,10 +374,10 @@ def sam_train_step(model, data, rho=None):
     """One exact SAM step for ``model.fit``: both passes on the same batch.
 
     Use it as ``def train_step(self, data): return sam_train_step(self, data)``. With a compiled
-    :class:`SAM` its settings are used; with any other compiled optimizer that optimizer is the
-    base of a plain SAM with radius ``rho`` (default 0.05). The loss and metrics logged are
-    those of the clean pass at ``w``, and state that pass 2 changes besides the weights (BatchNorm
-    moving statistics, per-output loss trackers) is put back to its value after pass 1.
+    :class:`SAM` (or GSAM, WSAM) its settings are used; with any other compiled optimizer that
+    optimizer is the base of a plain SAM with radius ``rho`` (default 0.05). The loss and metrics
+    logged are those of the clean pass at ``w``, and state that pass 2 changes besides the weights
+    (BatchNorm moving statistics, per-output loss trackers) is put back to its value after pass 1.
     Dropout draws new masks in pass 2.
     """
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
