@@ -4,6 +4,14 @@ Parameters, gradients and perturbations are pytrees; every norm is the **global*
 leaves (``../shared/SPEC.md``). The pure functions carry the names of ``sam_edu.reference``.
 """
 
+from sam_edu.jax.gsam import (
+    GSAMState,
+    decompose,
+    gsam,
+    gsam_direction,
+    gsam_perturbation,
+    lr_proportional_rho,
+)
 from sam_edu.jax.sam import (
     SAMState,
     asam_perturbation,
@@ -14,14 +22,34 @@ from sam_edu.jax.sam import (
     sam_perturbation,
     scale_operator,
 )
+from sam_edu.jax.wsam import (
+    WSAMState,
+    clip_by_global_norm,
+    sharpness_step,
+    sharpness_weight,
+    wsam,
+    wsam_direction,
+)
 
 __all__ = [
+    "GSAMState",
     "SAMState",
+    "WSAMState",
     "asam_perturbation",
     "ascend",
+    "clip_by_global_norm",
+    "decompose",
     "global_norm",
+    "gsam",
+    "gsam_direction",
+    "gsam_perturbation",
+    "lr_proportional_rho",
     "perturbation",
     "sam",
     "sam_perturbation",
     "scale_operator",
+    "sharpness_step",
+    "sharpness_weight",
+    "wsam",
+    "wsam_direction",
 ]
