@@ -152,21 +152,9 @@ class GSAM(SAM):
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> None:
         """Steps (3)-(5): restore ``w``, base step with ``d``; ``p.grad`` must hold ``g_adv``."""
-        if self._saved_w is None:
-            raise RuntimeError("second_step() called without first_step(): "
-                               "there is no w to restore")
-        params = [p for p, _ in self._saved_w]
-        # (3) gradient at the perturbed point, same batch: the caller's backward pass left g_adv
-        g_adv = [p.grad for p in params]
-        # (4) restore w exactly: copy the saved tensor back
-        for p, w in self._saved_w:
-            p.copy_(w)
-        g, self._saved_w, self._g = self._g, None, None
-        if any(g_p is None for g_p in g_adv):
-            raise RuntimeError("second_step(): no gradient at w + e for a parameter that had one "
-                               "at w; w was restored and not updated")
-        if not torch.isfinite(global_norm(g_adv)):
-            raise FloatingPointError("non-finite gradient at w + e; w was restored and not updated")
+        g, self._g = self._g, None
+        # (3) gradient at the perturbed point and (4) restore w, as in SAM
+        params, g_adv = self._restore_w_for_every_perturbed_tensor()
         # (5) base step at w with d = g_adv - alpha * g_perp, written where the base reads it
         for p, d_p in zip(params, gsam_direction(g, g_adv, self.alpha, self.perturb_eps)):
             p.grad.copy_(d_p)

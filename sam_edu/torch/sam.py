@@ -210,6 +210,29 @@ class SAM(torch.optim.Optimizer):
         if zero_grad:
             self.zero_grad()
 
+    def _restore_w_for_every_perturbed_tensor(self) -> tuple[Params, Params]:
+        """Steps (3)-(4) for variants that combine ``g`` and ``g_adv`` tensor by tensor.
+
+        Restores ``w`` exactly and returns ``(params, g_adv)`` for the perturbed tensors. Every one
+        of them must have a finite ``g_adv``; otherwise this raises after ``w`` is restored.
+        """
+        if self._saved_w is None:
+            raise RuntimeError("second_step() called without first_step(): "
+                               "there is no w to restore")
+        params = [p for p, _ in self._saved_w]
+        # (3) gradient at the perturbed point, same batch: the caller's backward pass left g_adv
+        g_adv = [p.grad for p in params]
+        # (4) restore w exactly: copy the saved tensor back
+        for p, w in self._saved_w:
+            p.copy_(w)
+        self._saved_w = None
+        if any(g_p is None for g_p in g_adv):
+            raise RuntimeError("second_step(): no gradient at w + e for a parameter that had one "
+                               "at w; w was restored and not updated")
+        if not torch.isfinite(global_norm(g_adv)):
+            raise FloatingPointError("non-finite gradient at w + e; w was restored and not updated")
+        return params, g_adv
+
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
         """One SAM step, (1)-(5); returns the loss at ``w``.
