@@ -138,3 +138,61 @@ def wsam_reference_trajectory(wsam_kwargs: dict, base_kwargs: dict) -> list[list
     return _trajectory(
         lambda t, w, grad, base: ref.wsam_step(w, grad, base, lr=base_kwargs["lr"], **wsam_kwargs),
         base_kwargs)
+
+
+# bSAM: a full optimizer, fed the same standard normal noise in every framework (NOISE_SEED).
+# num_data is small so that the noise 1/sqrt(N s) is large enough to matter.
+BSAM_CASES = [
+    ("bsam-defaults", dict(num_data=100)),
+    ("bsam-tuned", dict(num_data=1000, lr=0.2, beta1=0.8, beta2=0.99, weight_decay=0.01,
+                        rho=0.01, damping=0.05, s_init=2.0)),
+]
+bsam_case_params = pytest.mark.parametrize(
+    "bsam_kwargs", [pytest.param(b, id=i) for i, b in BSAM_CASES]
+)
+NOISE_SEED = 2
+
+
+def bsam_noise() -> list[list[np.ndarray]]:
+    """One standard normal draw per step, shaped like the parameters."""
+    rng = np.random.default_rng(NOISE_SEED)
+    return [[rng.normal(size=w.shape) for w in init_params()] for _ in range(STEPS)]
+
+
+def bsam_reference_trajectory(bsam_kwargs: dict) -> list[list[np.ndarray]]:
+    """Weights (the mean w) after each bSAM step with the noise of :func:`bsam_noise`."""
+    kwargs = dict(bsam_kwargs)
+    params = init_params()
+    m, s = ref.bsam_init(params, kwargs.pop("s_init", 1.0))
+    out = []
+    for (x, y), noise in zip(batches(), bsam_noise()):
+        params, m, s = ref.bsam_step(params, m, s, noise,
+                                     lambda w: ref.mlp_loss_and_grad(w, x, y)[1], **kwargs)
+        out.append(params)
+    return out
+
+
+# LookSAM: k = 2 and 3 over STEPS = 5 steps mix full SAM steps (t = 0, 2, 4 or 0, 3) and cheap ones.
+LOOKSAM_CASES = [
+    ("looksam-k2-sgd", dict(rho=0.1, k=2, alpha=0.7, adaptive=False), dict(lr=0.1, momentum=0.0)),
+    ("looksam-k3-momentum", dict(rho=0.05, k=3, alpha=0.5, adaptive=False),
+     dict(lr=0.1, momentum=0.9)),
+    ("looksam-adaptive-k2", dict(rho=0.5, k=2, alpha=0.7, adaptive=True),
+     dict(lr=0.1, momentum=0.9)),
+]
+looksam_case_params = pytest.mark.parametrize(
+    "looksam_kwargs,base_kwargs", [pytest.param(s, b, id=i) for i, s, b in LOOKSAM_CASES]
+)
+
+
+def looksam_reference_trajectory(looksam_kwargs: dict,
+                                 base_kwargs: dict) -> list[list[np.ndarray]]:
+    """Weights after each LookSAM step, ``g_v`` carried from step to step."""
+    g_v = None
+
+    def step(t, w, grad, base):
+        nonlocal g_v
+        w, g_v = ref.looksam_step(t, w, g_v, grad, base, **looksam_kwargs)
+        return w
+
+    return _trajectory(step, base_kwargs)

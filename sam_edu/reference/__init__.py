@@ -6,12 +6,29 @@ These functions are the oracle that every framework implementation is tested aga
 """
 
 from sam_edu.reference.base import sgd_init, sgd_update
+from sam_edu.reference.bsam import (
+    bsam_init,
+    bsam_mean,
+    bsam_momentum,
+    bsam_perturbation,
+    bsam_precision,
+    bsam_step,
+    check_bsam_arguments,
+    posterior_sample,
+)
 from sam_edu.reference.gsam import (
     decompose,
     gsam_direction,
     gsam_perturbation,
     gsam_step,
     lr_proportional_rho,
+)
+from sam_edu.reference.looksam import (
+    check_looksam_arguments,
+    is_sam_step,
+    looksam_direction,
+    looksam_step,
+    orthogonal_component,
 )
 from sam_edu.reference.problems import (
     mlp_init,
@@ -39,29 +56,42 @@ from sam_edu.reference.wsam import (
 )
 
 __all__ = [
+    "asam_perturbation",
     "ascend",
+    "bsam_init",
+    "bsam_mean",
+    "bsam_momentum",
+    "bsam_perturbation",
+    "bsam_precision",
+    "bsam_step",
+    "centralize_gradient",
+    "check_bsam_arguments",
+    "check_looksam_arguments",
     "clip_by_global_norm",
     "decompose",
+    "global_norm",
     "gsam_direction",
     "gsam_perturbation",
     "gsam_step",
+    "is_sam_step",
+    "looksam_direction",
+    "looksam_step",
     "lr_proportional_rho",
-    "sharpness_weight",
-    "wsam_direction",
-    "wsam_step",
-    "asam_perturbation",
-    "centralize_gradient",
-    "global_norm",
     "mlp_init",
     "mlp_loss",
     "mlp_loss_and_grad",
+    "orthogonal_component",
     "perturbation",
+    "posterior_sample",
     "sam_perturbation",
     "sam_step",
     "scale_operator",
     "sgd_init",
     "sgd_update",
+    "sharpness_weight",
     "two_basin_grad",
     "two_basin_hessian",
     "two_basin_loss",
+    "wsam_direction",
+    "wsam_step",
 ]
