@@ -4,6 +4,16 @@ Parameters, gradients and perturbations are pytrees; every norm is the **global*
 leaves (``../shared/SPEC.md``). The pure functions carry the names of ``sam_edu.reference``.
 """
 
+from sam_edu.jax.bsam import (
+    BSAMState,
+    bsam,
+    bsam_mean,
+    bsam_momentum,
+    bsam_perturbation,
+    bsam_precision,
+    posterior_sample,
+    sample_posterior,
+)
 from sam_edu.jax.gsam import (
     GSAMState,
     decompose,
@@ -11,6 +21,13 @@ from sam_edu.jax.gsam import (
     gsam_direction,
     gsam_perturbation,
     lr_proportional_rho,
+)
+from sam_edu.jax.looksam import (
+    LookSAMState,
+    is_sam_step,
+    looksam,
+    looksam_direction,
+    orthogonal_component,
 )
 from sam_edu.jax.sam import (
     SAMState,
@@ -32,21 +49,34 @@ from sam_edu.jax.wsam import (
 )
 
 __all__ = [
+    "BSAMState",
     "GSAMState",
+    "LookSAMState",
     "SAMState",
     "WSAMState",
     "asam_perturbation",
     "ascend",
+    "bsam",
+    "bsam_mean",
+    "bsam_momentum",
+    "bsam_perturbation",
+    "bsam_precision",
     "clip_by_global_norm",
     "decompose",
     "global_norm",
     "gsam",
     "gsam_direction",
     "gsam_perturbation",
+    "is_sam_step",
+    "looksam",
+    "looksam_direction",
     "lr_proportional_rho",
+    "orthogonal_component",
     "perturbation",
+    "posterior_sample",
     "sam",
     "sam_perturbation",
+    "sample_posterior",
     "scale_operator",
     "sharpness_step",
     "sharpness_weight",

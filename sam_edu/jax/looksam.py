@@ -1,0 +1,173 @@
+"""LookSAM, most of SAM at a fraction of its cost, as an optax ``GradientTransformation`` (JAX).
+
+LookSAM (Liu, Mai, Chen, Hsieh, You, CVPR 2022, arXiv:2203.02714) notes that SAM's gradient
+``g_adv`` differs from the plain gradient ``g`` mostly by a component ``g_v`` orthogonal to ``g``,
+and that this component changes slowly from step to step. So it computes ``g_adv`` only every
+``k``-th step and reuses ``g_v`` in between::
+
+    t mod k == 0 (a full SAM step):
+        g_hat = g / ||g||
+        g_v   = g_adv - (g_adv . g_hat) g_hat          (kept for the next k - 1 steps)
+        d     = g_adv
+    otherwise (one forward/backward only):
+        d     = g + alpha * (||g|| / ||g_v||) * g_v
+
+A step costs ``1 + 1/k`` gradient evaluations on average instead of SAM's 2. ``k = 1`` is exactly
+SAM. All norms and dot products are global, over all leaves as one vector (the paper's
+formulation; a per-tensor projection is a variant).
+
+The SAM steps follow the generic numbering (1)-(5); a cheap step is (1) and (5) only.
+
+This is ``sam_edu.reference.looksam`` written in JAX's idiom, with the conventions of
+:func:`sam_edu.jax.sam`: pytrees, ``update(..., grad_fn=...)``, and a skipped step instead of an
+exception when a gradient is not finite. The choice between the two kinds of step depends on the
+step count, a traced value under ``jax.jit``, so it is a ``jax.lax.cond``: both branches are
+traced once, and only the chosen one runs, so ``grad_fn`` is *evaluated* only on SAM steps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from sam_edu.jax.sam import Flags, Params, _check_non_negative, ascend, global_norm, perturbation
+
+
+def is_sam_step(t: int | jax.Array, k: int) -> bool | jax.Array:
+    """Step ``t = 0, 1, ...`` is a full SAM step when ``t mod k == 0`` (so the first one is)."""
+    return t % k == 0
+
+
+def orthogonal_component(g_adv: Params, grads: Params, perturb_eps: float = 1e-12) -> Params:
+    """``g_v = g_adv - (g_adv . g_hat) g_hat`` with ``g_hat = g / (||g|| + eps)``.
+
+    The dot product runs over all leaves together.
+    """
+    norm = global_norm(grads) + perturb_eps
+    unit = jax.tree.map(lambda g: g / norm, grads)
+    along = sum(jax.tree.leaves(jax.tree.map(lambda a, u: jnp.sum(a * u), g_adv, unit)))
+    return jax.tree.map(lambda a, u: a - along * u, g_adv, unit)
+
+
+def looksam_direction(grads: Params, g_v: Params, alpha: float = 0.7,
+                      perturb_eps: float = 1e-12) -> Params:
+    """The cheap step's ``d = g + alpha * (||g|| / (||g_v|| + eps)) * g_v``."""
+    scale = alpha * global_norm(grads) / (global_norm(g_v) + perturb_eps)
+    return jax.tree.map(lambda g, v: g + scale * v, grads, g_v)
+
+
+class LookSAMState(NamedTuple):
+    """State of :func:`looksam`.
+
+    Attributes:
+      base_state: the base optimizer's state, untouched by the perturbation.
+      count: the step ``t`` of the next update; ``t mod k == 0`` is a full SAM step (JAX's
+        default integer). A skipped update does not count, so a skipped SAM step is retried.
+      g_v: the component of the last SAM step's ``g_adv`` orthogonal to its ``g``, one array per
+        leaf of the params (zeros until the first SAM step, which is step 0).
+      notfinite_count: how many updates were skipped because ``g`` or ``g_adv`` was not finite
+        (a running total, never reset; int32 scalar).
+    """
+
+    base_state: optax.OptState
+    count: jax.Array
+    g_v: Params
+    notfinite_count: jax.Array
+
+
+def looksam(
+    base: optax.GradientTransformation,
+    rho: float = 0.1,
+    k: int = 10,
+    alpha: float = 0.7,
+    adaptive: Flags = False,
+    perturb_eps: float = 1e-12,
+) -> optax.GradientTransformationExtraArgs:
+    """LookSAM around the base optimizer ``base``.
+
+    ``update(grads, state, params, *, grad_fn, **extra_args)`` works as in :func:`sam_edu.jax.sam`:
+    ``grads = grad L_B(w)``, ``grad_fn(params)`` the gradient on the **same** batch. ``grad_fn``
+    is evaluated once, at ``w + e``, on a SAM step (``state.count mod k == 0``) and not at all on
+    the other steps, so ``n`` steps cost ``n + ceil(n / k)`` gradient evaluations with the loop's
+    own. Other keyword arguments go on to the base optimizer::
+
+        grad_fn = jax.grad(lambda p: loss(p, batch))
+        updates, state = opt.update(grad_fn(params), state, params, grad_fn=grad_fn)
+
+    If ``g`` or ``g_adv`` is not finite (NaN or Inf, detected through the global norm) the step is
+    skipped: the updates are zero, the base state, ``count`` and ``g_v`` are kept and
+    ``state.notfinite_count`` is incremented.
+
+    Args:
+      base: the base optimizer (SGD, momentum, Adam, ...); it steps at the original ``w``.
+      rho: radius of the ball, ``rho >= 0``.
+      k: a full SAM step every ``k`` steps, an integer ``>= 1`` (``k = 1`` is SAM).
+      alpha: weight of the reused component ``g_v`` on the cheap steps, ``>= 0``.
+      adaptive: ASAM's perturbation (``eta = 0``): one flag, a pytree of flags with the structure
+        of the params, or a callable ``params -> pytree of flags``.
+      perturb_eps: added to the norms so that a zero gradient gives ``e = 0``; ``>= 0``.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` whose state is a :class:`LookSAMState`.
+    """
+    _check_non_negative("rho", rho)
+    if isinstance(k, bool) or not (isinstance(k, (int, np.integer)) and k >= 1):
+        raise ValueError(f"k must be an integer >= 1 (a full SAM step every k steps), got {k!r}")
+    _check_non_negative("alpha", alpha)
+    _check_non_negative("perturb_eps", perturb_eps)
+    base = optax.with_extra_args_support(base)
+
+    def init_fn(params: Params) -> LookSAMState:
+        return LookSAMState(base_state=base.init(params), count=jnp.zeros([], int),
+                            g_v=jax.tree.map(jnp.zeros_like, params),
+                            notfinite_count=jnp.zeros([], jnp.int32))
+
+    def update_fn(grads, state: LookSAMState, params: Params | None = None, *,
+                  grad_fn: Callable[[Params], Params] | None = None, **extra_args):
+        if grad_fn is None:
+            raise ValueError("looksam: update needs grad_fn=..., a function params -> gradient "
+                             "on the current batch")
+        if params is None:
+            raise ValueError("looksam: update needs params, the weights w the perturbation "
+                             "starts from")
+        # (1) gradient at the centre: the caller computed it on this batch
+        g = grads
+        finite = jnp.isfinite(global_norm(g))
+
+        def sam_step():
+            # (2) ascend to w + e(w) (SAM, or ASAM with eta = 0)
+            perturbed = ascend(params, perturbation(g, params, rho, adaptive, 0.0, perturb_eps))
+            # (3) gradient at the perturbed point, same batch
+            g_adv = grad_fn(perturbed)
+            # (4) restore w: JAX is functional, so ``params`` was never changed
+            # d = g_adv, keeping g_v for the next k - 1 steps
+            return (g_adv, orthogonal_component(g_adv, g, perturb_eps),
+                    jnp.isfinite(global_norm(g_adv)))
+
+        def cheap_step():
+            # g plus the stored orthogonal component, rescaled; no second gradient
+            return (looksam_direction(g, state.g_v, alpha, perturb_eps), state.g_v,
+                    jnp.asarray(True))
+
+        # a SAM step runs (2)-(4), a cheap one skips them: only the chosen branch runs
+        d, g_v, finite_adv = jax.lax.cond(is_sam_step(state.count, k), sam_step, cheap_step)
+        finite = finite & finite_adv
+        # (5) base step at w with d; a non-finite g or g_adv skips the step instead
+        updates, base_state = jax.lax.cond(
+            finite,
+            lambda: base.update(d, state.base_state, params, **extra_args),
+            lambda: (jax.tree.map(jnp.zeros_like, d), state.base_state),
+        )
+        return updates, LookSAMState(
+            base_state=base_state,
+            count=jnp.where(finite, optax.safe_increment(state.count), state.count),
+            g_v=jax.tree.map(lambda new, old: jnp.where(finite, new, old), g_v, state.g_v),
+            notfinite_count=jnp.where(finite, state.notfinite_count, state.notfinite_count + 1),
+        )
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
