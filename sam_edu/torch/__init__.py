@@ -1,12 +1,15 @@
-"""sam_edu for PyTorch: ``torch.optim.Optimizer`` classes that wrap a base optimizer.
+"""sam_edu for PyTorch: ``torch.optim.Optimizer`` classes.
 
-``SAM`` (and ASAM with ``adaptive=True``) runs the two-pass step of ``sam_edu.reference``; ``GSAM``
-and ``WSAM`` change the direction of the base step (surrogate gap, weighted sharpness);
+``SAM`` (and ASAM with ``adaptive=True``) runs the two-pass step of ``sam_edu.reference`` around
+a base optimizer; ``GSAM`` and ``WSAM`` change the direction of the base step (surrogate gap,
+weighted sharpness). ``BSAM`` is a full optimizer of its own (Bayesian SAM: a mean and a
+precision per weight, pass 1 at a noisy point, ``posterior_sample()`` for model averaging).
 ``disable_running_stats`` keeps BatchNorm statistics from the second pass. Imports only torch.
 """
 
+from sam_edu.torch.bsam import BSAM
 from sam_edu.torch.gsam import GSAM
 from sam_edu.torch.sam import SAM, disable_running_stats
 from sam_edu.torch.wsam import WSAM
 
-__all__ = ["GSAM", "SAM", "WSAM", "disable_running_stats"]
+__all__ = ["BSAM", "GSAM", "SAM", "WSAM", "disable_running_stats"]

@@ -1,0 +1,565 @@
+"""sam_edu.torch.BSAM and LookSAM: parity with the reference, the optimizer API, checkpoints."""
+
+import io
+import warnings
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import torch.nn.functional as F  # noqa: E402
+
+import parity  # noqa: E402
+from sam_edu import reference as ref  # noqa: E402
+from sam_edu.torch import BSAM  # noqa: E402
+
+DTYPES = {"float64": torch.float64, "float32": torch.float32}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These tensors are tiny: on a busy machine torch's thread pool only adds contention (each
+    backward pass took ~50x longer with the default pool here)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def mlp_loss(params, x, y):
+    """The reference's tanh network, same ``(inputs, outputs)`` layout: ``x @ W1 + b1``."""
+    w1, b1, w2, b2 = params
+    return F.cross_entropy(torch.tanh(x @ w1 + b1) @ w2 + b2, y)
+
+
+def leaves(arrays, dtype=torch.float64):
+    return [torch.tensor(a, dtype=dtype, requires_grad=True) for a in arrays]
+
+
+def numpy(params):
+    return [p.detach().to(torch.float64).numpy().copy() for p in params]
+
+
+def torch_batches(dtype=torch.float64):
+    return [(torch.tensor(x, dtype=dtype), torch.tensor(y)) for x, y in parity.batches()]
+
+
+def snapshot(params):
+    return [p.detach().clone() for p in params]
+
+
+def assert_bit_identical(got, want):
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+
+
+def closure_for(optimizer, params, x, y, calls=None):
+    """The closure of ``step()``; appends to ``calls`` once per gradient evaluation."""
+    def closure():
+        if calls is not None:
+            calls.append(1)
+        optimizer.zero_grad()
+        loss = mlp_loss(params, x, y)
+        loss.backward()
+        return loss
+
+    return closure
+
+
+def with_gradients(params, grads):
+    for p, g in zip(params, grads):
+        p.grad = torch.as_tensor(g, dtype=p.dtype).clone()
+
+
+def gradients(params, bad=None):
+    """Finite gradients, or with one entry of the second tensor replaced by ``bad``."""
+    grads = [np.full(p.shape, 0.1) for p in params]
+    if bad is not None:
+        grads[1][0] = bad
+    return grads
+
+
+BAD = pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf], ids=["nan", "inf", "-inf"])
+
+
+# =================================================================================================
+# bSAM
+# =================================================================================================
+
+
+def bsam_explicit_step(optimizer, params, x, y, noise=None):
+    optimizer.noisy_step(noise)  # update 1
+    mlp_loss(params, x, y).backward()  # (1)
+    optimizer.first_step(zero_grad=True)  # (2)
+    mlp_loss(params, x, y).backward()  # (3)
+    optimizer.second_step(zero_grad=True)  # (4), (5)
+
+
+def bsam_explicit_zeroing_in_place_step(optimizer, params, x, y, noise=None):
+    """Zeroing in place keeps the ``p.grad`` tensors for pass (3): ``g`` must have been copied."""
+    optimizer.noisy_step(noise)
+    mlp_loss(params, x, y).backward()  # (1)
+    optimizer.first_step()  # (2)
+    optimizer.zero_grad(set_to_none=False)
+    mlp_loss(params, x, y).backward()  # (3)
+    optimizer.second_step()  # (4), (5)
+    optimizer.zero_grad(set_to_none=False)
+
+
+def bsam_run(optimizer, params, noises=None, dtype=torch.float64, api=bsam_explicit_step):
+    """The weights after each parity step; ``noises=None`` lets the optimizer draw."""
+    noises = noises or [None] * parity.STEPS
+    out = []
+    for (x, y), noise in zip(torch_batches(dtype), noises):
+        api(optimizer, params, x, y, noise)
+        out.append(numpy(params))
+    return out
+
+
+def bsam_reference_with(noises, bsam_kwargs, lrs=None):
+    """The reference's weights after each step with the given noise (and per-step ``lr``)."""
+    kwargs = dict(bsam_kwargs)
+    params = parity.init_params()
+    m, s = ref.bsam_init(params, kwargs.pop("s_init", 1.0))
+    out = []
+    for t, ((x, y), noise) in enumerate(zip(parity.batches(), noises)):
+        if lrs is not None:
+            kwargs["lr"] = lrs[t]
+        params, m, s = ref.bsam_step(params, m, s, noise,
+                                     lambda w: ref.mlp_loss_and_grad(w, x, y)[1], **kwargs)
+        out.append(params)
+    return out
+
+
+def generator_noise(seed, dtype=torch.float64, steps=parity.STEPS):
+    """The noise ``BSAM(seed=seed)`` draws on the CPU: one ``randn`` per tensor, in order."""
+    generator = torch.Generator().manual_seed(seed)
+    return [[torch.randn(w.shape, generator=generator, dtype=dtype).numpy()
+             for w in parity.init_params()] for _ in range(steps)]
+
+
+# --- parity with the reference -------------------------------------------------------------------
+
+
+@parity.bsam_case_params
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("api", [bsam_explicit_step, bsam_explicit_zeroing_in_place_step],
+                         ids=["explicit", "explicit-zeroing-in-place"])
+def test_bsam_matches_the_reference_at_every_step(bsam_kwargs, dtype, api):
+    params = leaves(parity.init_params(), DTYPES[dtype])
+    optimizer = BSAM(params, **bsam_kwargs)
+    got = bsam_run(optimizer, params, parity.bsam_noise(), DTYPES[dtype], api)
+    want = parity.bsam_reference_trajectory(bsam_kwargs)
+    parity.assert_trajectories_close(got, want, parity.tolerance(dtype))
+
+
+@parity.bsam_case_params
+def test_bsam_parity_is_sensitive_to_the_noise(bsam_kwargs):
+    """Without the noise the reference ends far outside the float64 tolerance. (In the tuned
+    case, N = 1000 and s_init = 2, the noise moves the weights by only ~4e-6: the float32
+    comparison alone could not tell whether it was applied.)"""
+    with_noise = parity.bsam_reference_trajectory(bsam_kwargs)
+    without = bsam_reference_with([[np.zeros_like(w) for w in parity.init_params()]]
+                                  * parity.STEPS, bsam_kwargs)
+    assert max(np.abs(a - b).max() for a, b in zip(with_noise[-1], without[-1])) > 1e-6
+
+
+@parity.bsam_case_params
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_bsam_seeded_step_closure_matches_the_reference_fed_the_generators_noise(bsam_kwargs,
+                                                                                 dtype):
+    params = leaves(parity.init_params(), DTYPES[dtype])
+    optimizer = BSAM(params, **bsam_kwargs, seed=7)
+    got = []
+    for x, y in torch_batches(DTYPES[dtype]):
+        optimizer.step(closure_for(optimizer, params, x, y))
+        got.append(numpy(params))
+    want = bsam_reference_with(generator_noise(7, DTYPES[dtype]), bsam_kwargs)
+    parity.assert_trajectories_close(got, want, parity.tolerance(dtype))
+
+
+def test_bsam_per_group_settings_match_the_reference_per_tensor():
+    """Each group's tensors follow the reference's updates with that group's settings. The
+    gradients are given (not computed), since a computed one would couple the groups."""
+    tuned = dict(lr=0.2, beta1=0.8, beta2=0.99, weight_decay=0.01, rho=0.01, damping=0.05)
+    defaults = dict(lr=0.5, beta1=0.9, beta2=0.999, weight_decay=1e-4, rho=0.05, damping=0.1)
+    settings = [defaults, defaults, tuned, tuned]
+    w = parity.init_params()
+    params = leaves(w)
+    optimizer = BSAM([{"params": params[:2]}, {"params": params[2:], **tuned}], num_data=100)
+    m, s = ref.bsam_init(w)
+    rng = np.random.default_rng(0)
+    for noise in parity.bsam_noise():
+        g, g_adv = ([rng.normal(size=w_i.shape) for w_i in w] for _ in range(2))
+        optimizer.noisy_step(noise)
+        for got, want in zip(numpy(params), ref.posterior_sample(w, s, noise, 100)):
+            np.testing.assert_allclose(got, want, rtol=0, atol=1e-15)
+        with_gradients(params, g)
+        optimizer.first_step()
+        for i, got in enumerate(numpy(params)):
+            e = ref.bsam_perturbation([g[i]], [s[i]], settings[i]["rho"])[0]
+            np.testing.assert_allclose(got, w[i] + e, rtol=0, atol=1e-15)
+        with_gradients(params, g_adv)
+        optimizer.second_step()
+        for i, c in enumerate(settings):
+            m[i] = ref.bsam_momentum([m[i]], [g_adv[i]], [w[i]], c["beta1"], c["weight_decay"])[0]
+            w[i] = ref.bsam_mean([w[i]], [m[i]], [s[i]], c["lr"])[0]
+            s[i] = ref.bsam_precision([s[i]], [g[i]], c["beta2"], c["damping"],
+                                      c["weight_decay"])[0]
+        parity.assert_trajectories_close([numpy(params)], [w], 1e-13)
+
+
+def test_bsam_lr_scheduler_sets_the_lr_of_each_step():
+    params = leaves(parity.init_params())
+    optimizer = BSAM(params, num_data=100, seed=0)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+    got = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. "lr_scheduler.step() before optimizer.step()"
+        for x, y in torch_batches():
+            optimizer.step(closure_for(optimizer, params, x, y))
+            scheduler.step()
+            got.append(numpy(params))
+    lrs = [0.5 * 0.5 ** t for t in range(parity.STEPS)]
+    want = bsam_reference_with(generator_noise(0), dict(num_data=100), lrs)
+    parity.assert_trajectories_close(got, want, 1e-12)
+
+
+# --- noise, seeds and the posterior --------------------------------------------------------------
+
+
+def seeded_run(seed):
+    params = leaves(parity.init_params())
+    optimizer = BSAM(params, num_data=100, seed=seed)
+    for x, y in torch_batches():
+        optimizer.step(closure_for(optimizer, params, x, y))
+    return snapshot(params)
+
+
+def test_bsam_seeded_runs_are_reproducible_and_the_seed_matters():
+    assert_bit_identical(seeded_run(3), seeded_run(3))
+    assert not torch.equal(seeded_run(3)[0], seeded_run(4)[0])
+
+
+def test_bsam_without_a_seed_draws_from_the_global_rng():
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(11)
+        runs.append(seeded_run(None))
+    assert_bit_identical(runs[0], runs[1])
+    got = [r.numpy() for r in runs[0]]
+    want = bsam_reference_with(generator_noise(11), dict(num_data=100))[-1]
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=0, atol=1e-12)
+
+
+def test_bsam_with_lr_zero_never_moves_the_weights():
+    """Noise and perturbation are removed exactly; only ``m`` and ``s`` change."""
+    params = leaves(parity.init_params())
+    before = snapshot(params)
+    optimizer = BSAM(params, num_data=100, lr=0.0, seed=0)
+    for x, y in torch_batches() * 2:
+        optimizer.step(closure_for(optimizer, params, x, y))
+        assert_bit_identical(params, before)
+    state = optimizer.state[params[0]]
+    assert state["momentum"].abs().max() > 0 and not torch.all(state["precision"] == 1.0)
+
+
+def test_bsam_step_returns_the_loss_at_the_noisy_point_and_evaluates_the_closure_twice():
+    params = leaves(parity.init_params())
+    x, y = torch_batches()[0]
+    optimizer = BSAM(params, num_data=100, seed=5)
+    noise = generator_noise(5, steps=1)[0]
+    with torch.no_grad():
+        noisy = [w + torch.tensor(n) / 10.0 for w, n in zip(params, noise)]  # 1/sqrt(N s_init)
+        want = mlp_loss(noisy, x, y)
+    calls = []
+    loss = optimizer.step(closure_for(optimizer, params, x, y, calls))
+    assert len(calls) == 2
+    torch.testing.assert_close(loss, want, rtol=0, atol=1e-15)
+
+
+def test_bsam_step_without_a_closure_names_it():
+    optimizer = BSAM(leaves(parity.init_params()), num_data=100)
+    with pytest.raises(ValueError, match="closure"):
+        optimizer.step()
+
+
+def trained_bsam(num_data=100):
+    params = leaves(parity.init_params())
+    optimizer = BSAM(params, num_data=num_data, lr=0.2, seed=0)
+    for x, y in torch_batches():
+        optimizer.step(closure_for(optimizer, params, x, y))
+    return params, optimizer
+
+
+def test_posterior_sample_draws_from_n_w_one_over_n_s_and_restores_w_exactly():
+    params, optimizer = trained_bsam()
+    before = snapshot(params)
+    s = [optimizer.state[p]["precision"] for p in params]
+    assert not torch.allclose(s[0], s[0].flatten()[0])  # the precision varies per weight
+    generator = torch.Generator().manual_seed(0)
+    standardised = []
+    for _ in range(400):
+        with optimizer.posterior_sample(generator):
+            standardised.append(torch.cat([((p - w) * torch.sqrt(100 * s_p)).flatten()
+                                           for p, w, s_p in zip(params, before, s)]))
+        assert_bit_identical(params, before)
+    z = torch.stack(standardised)  # 400 draws x 43 weights, each ~ N(0, 1) if the spread is right
+    assert abs(z.mean().item()) < 0.03
+    assert abs(z.std().item() - 1.0) < 0.03
+
+
+def test_posterior_sample_spread_is_one_over_sqrt_n_s_init_before_training():
+    params = leaves(parity.init_params())
+    optimizer = BSAM(params, num_data=25, s_init=4.0)  # std 1 / sqrt(25 * 4) = 0.1
+    w = snapshot(params)
+    torch.manual_seed(0)
+    draws = []
+    for _ in range(400):
+        with optimizer.posterior_sample():
+            draws.append(torch.cat([(p - w_p).flatten() for p, w_p in zip(params, w)]))
+    assert abs(torch.stack(draws).std().item() - 0.1) < 0.003
+
+
+def test_posterior_sample_restores_w_after_an_exception_and_keeps_the_training_noise():
+    """Evaluating does not draw from the optimizer's generator: the next step is unchanged."""
+    params, optimizer = trained_bsam()
+    twin_params, twin = trained_bsam()
+    before = snapshot(params)
+    with pytest.raises(KeyError):
+        with optimizer.posterior_sample():
+            raise KeyError("inside the block")
+    assert_bit_identical(params, before)
+    x, y = torch_batches()[0]
+    optimizer.step(closure_for(optimizer, params, x, y))
+    twin.step(closure_for(twin, twin_params, x, y))
+    assert_bit_identical(params, twin_params)
+
+
+def test_posterior_sample_with_equal_generators_draws_equal_weights():
+    params, optimizer = trained_bsam()
+    draws = []
+    for _ in range(2):
+        with optimizer.posterior_sample(torch.Generator().manual_seed(1)):
+            draws.append(snapshot(params))
+    assert_bit_identical(draws[0], draws[1])
+
+
+def test_posterior_sample_inside_a_step_raises():
+    params = leaves(parity.init_params())
+    optimizer = BSAM(params, num_data=100)
+    optimizer.noisy_step()
+    with pytest.raises(RuntimeError, match="second_step"):
+        with optimizer.posterior_sample():
+            pass
+
+
+def test_frozen_parameters_get_no_noise_and_no_update():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(),
+                                torch.nn.Linear(4, 3)).to(torch.float64)
+    model[0].requires_grad_(False)
+    frozen = snapshot(model[0].parameters())
+    optimizer = BSAM(model.parameters(), num_data=10, seed=0)
+    x, y = torch_batches()[0]
+
+    def closure():
+        optimizer.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        assert_bit_identical(model[0].parameters(), frozen)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    with optimizer.posterior_sample():
+        assert_bit_identical(model[0].parameters(), frozen)
+    assert len(optimizer.state) == 2
+
+
+def test_bsam_state_holds_momentum_and_precision_of_the_parameters_dtype():
+    params = leaves(parity.init_params(), torch.float32)
+    optimizer = BSAM(params, num_data=100, seed=0)
+    x, y = torch_batches(torch.float32)[0]
+    optimizer.step(closure_for(optimizer, params, x, y))
+    assert set(optimizer.state[params[0]]) == {"momentum", "precision"}
+    assert optimizer.state[params[0]]["precision"].dtype == torch.float32
+    assert optimizer.steps_taken == 1
+
+
+# --- checkpoints ---------------------------------------------------------------------------------
+
+
+def train(model, optimizer, batches):
+    for x, y in batches:
+        def closure():
+            optimizer.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+
+        optimizer.step(closure)
+
+
+def checkpoint_round_trip(model, optimizer):
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, buffer)
+    buffer.seek(0)
+    return torch.load(buffer)
+
+
+def test_bsam_resumed_run_equals_an_uninterrupted_one():
+    """m, s, the step count and the generator's state come from disk; the resumed optimizer is
+    built with another seed and another init, so nothing can come from elsewhere."""
+    def make_run(seed):
+        torch.manual_seed(seed)
+        model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(),
+                                    torch.nn.Linear(4, 3)).to(torch.float64)
+        return model, BSAM(model.parameters(), num_data=100, lr=0.2, seed=seed)
+
+    batches = torch_batches() * 2
+    uninterrupted, optimizer = make_run(0)
+    train(uninterrupted, optimizer, batches)
+
+    model, optimizer = make_run(0)
+    train(model, optimizer, batches[:5])
+    checkpoint = checkpoint_round_trip(model, optimizer)
+    resumed_model, resumed = make_run(1)
+    resumed_model.load_state_dict(checkpoint["model"])
+    resumed.load_state_dict(checkpoint["optimizer"])
+    assert resumed.steps_taken == 5 and resumed.seed == 0
+    train(resumed_model, resumed, batches[5:])
+
+    assert_bit_identical(resumed_model.parameters(), uninterrupted.parameters())
+
+
+# --- validation and failures ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs,name", [
+    (dict(num_data=0), "num_data"),
+    (dict(num_data=100.0), "num_data"),
+    (dict(num_data=True), "num_data"),
+    (dict(lr=-0.1), "lr"),
+    (dict(beta1=1.0), "beta1"),
+    (dict(beta1=-0.1), "beta1"),
+    (dict(beta2=1.0), "beta2"),
+    (dict(weight_decay=-1e-4), "weight_decay"),
+    (dict(rho=-0.05), "rho"),
+    (dict(damping=-0.1), "damping"),
+    (dict(s_init=0.0), "s_init"),
+    (dict(s_init=-1.0), "s_init"),
+    (dict(seed=1.5), "seed"),
+    (dict(lr=float("nan")), "lr"),
+], ids=["num_data-0", "num_data-float", "num_data-bool", "lr", "beta1-1", "beta1-negative",
+        "beta2-1", "weight_decay", "rho", "damping", "s_init-0", "s_init-negative", "seed",
+        "lr-nan"])
+def test_bsam_invalid_arguments_are_named(kwargs, name):
+    kwargs = {"num_data": 100, **kwargs}
+    with pytest.raises(ValueError, match=name):
+        BSAM(leaves(parity.init_params()), **kwargs)
+
+
+@pytest.mark.parametrize("key,value", [("lr", -1.0), ("beta1", 1.0), ("beta2", -0.5),
+                                       ("weight_decay", -1.0), ("rho", -1.0), ("damping", -1.0)])
+def test_bsam_invalid_group_settings_are_named(key, value):
+    params = leaves(parity.init_params())
+    with pytest.raises(ValueError, match=rf"{key}.*group 1"):
+        BSAM([{"params": params[:2]}, {"params": params[2:], key: value}], num_data=100)
+
+
+@pytest.mark.parametrize("noise", [
+    lambda w: w[:3],
+    lambda w: [np.zeros(3)] + w[1:],
+], ids=["too-few", "wrong-shape"])
+def test_bsam_noise_of_the_wrong_structure_is_named(noise):
+    params = leaves(parity.init_params())
+    optimizer = BSAM(params, num_data=100)
+    with pytest.raises(ValueError, match="noise"):
+        optimizer.noisy_step(noise(parity.init_params()))
+
+
+def test_bsam_steps_must_come_in_order():
+    params = leaves(parity.init_params())
+    optimizer = BSAM(params, num_data=100)
+    with pytest.raises(RuntimeError, match="noisy_step"):
+        optimizer.first_step()
+    with pytest.raises(RuntimeError, match="first_step"):
+        optimizer.second_step()
+    optimizer.noisy_step()
+    with pytest.raises(RuntimeError, match="twice"):
+        optimizer.noisy_step()
+    with_gradients(params, gradients(params))
+    optimizer.first_step()
+    with pytest.raises(RuntimeError, match="twice"):
+        optimizer.first_step()
+
+
+def bsam_state(optimizer, params):
+    return [t.clone() for p in params for t in optimizer.state[p].values()]
+
+
+@BAD
+def test_bsam_non_finite_gradient_at_the_noisy_point_raises_and_restores_w(bad):
+    params, optimizer = trained_bsam()
+    before, state = snapshot(params), bsam_state(optimizer, params)
+    optimizer.noisy_step()
+    with_gradients(params, gradients(params, bad))
+    with pytest.raises(FloatingPointError, match="non-finite gradient at the noisy point"):
+        optimizer.first_step()
+    assert_bit_identical(params, before)
+    assert_bit_identical(bsam_state(optimizer, params), state)
+    assert optimizer.steps_taken == parity.STEPS
+    optimizer.noisy_step()  # the failed step is over: the next one can start
+
+
+@BAD
+def test_bsam_non_finite_gradient_at_w_plus_e_raises_and_restores_w(bad):
+    params, optimizer = trained_bsam()
+    before, state = snapshot(params), bsam_state(optimizer, params)
+    optimizer.noisy_step()
+    with_gradients(params, gradients(params))
+    optimizer.first_step()
+    with_gradients(params, gradients(params, bad))
+    with pytest.raises(FloatingPointError, match="non-finite gradient at w \\+ e"):
+        optimizer.second_step()
+    assert_bit_identical(params, before)
+    assert_bit_identical(bsam_state(optimizer, params), state)
+    assert optimizer.steps_taken == parity.STEPS
+    optimizer.noisy_step()
+
+
+@pytest.mark.parametrize("at", ["noisy-point", "w-plus-e"])
+def test_bsam_missing_gradients_restore_w_and_raise(at):
+    params = leaves(parity.init_params())
+    optimizer = BSAM(params, num_data=100)
+    before = snapshot(params)
+    optimizer.noisy_step()
+    if at == "w-plus-e":
+        with_gradients(params, gradients(params))
+        optimizer.first_step(zero_grad=True)
+    with pytest.raises(RuntimeError, match="no (parameter has a )?gradient"):
+        (optimizer.first_step if at == "noisy-point" else optimizer.second_step)()
+    assert_bit_identical(params, before)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_bsam_on_cuda_matches_the_cpu_with_the_same_noise():
+    """One generator per device; with explicit noise the GPU follows the reference too."""
+    params = [p.detach().cuda().requires_grad_() for p in leaves(parity.init_params())]
+    optimizer = BSAM(params, num_data=100)
+    got = []
+    for (x, y), noise in zip(torch_batches(), parity.bsam_noise()):
+        bsam_explicit_step(optimizer, params, x.cuda(), y.cuda(), noise)
+        got.append([p.detach().cpu().numpy().copy() for p in params])
+    parity.assert_trajectories_close(got, parity.bsam_reference_trajectory(dict(num_data=100)),
+                                     1e-10)
+    seeded = BSAM(params, num_data=100, seed=0)
+    x, y = torch_batches()[0]
+    seeded.step(closure_for(seeded, params, x.cuda(), y.cuda()))
+    assert list(seeded.generators) == [params[0].device]
+    restored = BSAM(params, num_data=100)
+    restored.load_state_dict(seeded.state_dict())
+    assert torch.equal(restored.generators[params[0].device].get_state(),
+                       seeded.generators[params[0].device].get_state())
