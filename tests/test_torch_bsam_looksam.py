@@ -1,6 +1,8 @@
 """sam_edu.torch.BSAM and LookSAM: parity with the reference, the optimizer API, checkpoints."""
 
+import copy
 import io
+import math
 import warnings
 
 import numpy as np
@@ -12,7 +14,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import parity  # noqa: E402
 from sam_edu import reference as ref  # noqa: E402
-from sam_edu.torch import BSAM  # noqa: E402
+from sam_edu.torch import BSAM, SAM, LookSAM, disable_running_stats  # noqa: E402
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
@@ -563,3 +565,349 @@ def test_bsam_on_cuda_matches_the_cpu_with_the_same_noise():
     restored.load_state_dict(seeded.state_dict())
     assert torch.equal(restored.generators[params[0].device].get_state(),
                        seeded.generators[params[0].device].get_state())
+
+
+# =================================================================================================
+# LookSAM
+# =================================================================================================
+
+
+def looksam_explicit_step(optimizer, params, x, y):
+    mlp_loss(params, x, y).backward()  # (1)
+    if optimizer.first_step(zero_grad=True):  # (2), or the cheap step's (5)
+        mlp_loss(params, x, y).backward()  # (3)
+        optimizer.second_step(zero_grad=True)  # (4), (5)
+
+
+def sam_explicit_step(optimizer, params, x, y):
+    mlp_loss(params, x, y).backward()  # (1)
+    optimizer.first_step(zero_grad=True)  # (2)
+    mlp_loss(params, x, y).backward()  # (3)
+    optimizer.second_step(zero_grad=True)  # (4), (5)
+
+
+def looksam_closure_step(optimizer, params, x, y):
+    optimizer.step(closure_for(optimizer, params, x, y))
+
+
+def looksam_explicit_zeroing_in_place_step(optimizer, params, x, y):
+    """Zeroing in place keeps the ``p.grad`` tensors for pass (3): ``g`` must have been copied."""
+    mlp_loss(params, x, y).backward()  # (1)
+    sam_step = optimizer.first_step()  # (2)
+    optimizer.zero_grad(set_to_none=False)
+    if sam_step:
+        mlp_loss(params, x, y).backward()  # (3)
+        optimizer.second_step()  # (4), (5)
+        optimizer.zero_grad(set_to_none=False)
+
+
+def looksam_run(optimizer, params, api=looksam_explicit_step, dtype=torch.float64, batches=None):
+    out = []
+    for x, y in batches or torch_batches(dtype):
+        api(optimizer, params, x, y)
+        out.append(numpy(params))
+    return out
+
+
+LOOKSAM_APIS = pytest.mark.parametrize(
+    "api", [looksam_explicit_step, looksam_closure_step, looksam_explicit_zeroing_in_place_step],
+    ids=["explicit", "closure", "explicit-zeroing-in-place"])
+
+
+# --- parity with the reference -------------------------------------------------------------------
+
+
+@parity.looksam_case_params
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@LOOKSAM_APIS
+def test_looksam_matches_the_reference_at_every_step(looksam_kwargs, base_kwargs, dtype, api):
+    params = leaves(parity.init_params(), DTYPES[dtype])
+    optimizer = LookSAM(params, torch.optim.SGD, **looksam_kwargs, **base_kwargs)
+    got = looksam_run(optimizer, params, api, DTYPES[dtype])
+    want = parity.looksam_reference_trajectory(looksam_kwargs, base_kwargs)
+    parity.assert_trajectories_close(got, want, parity.tolerance(dtype))
+
+
+def test_looksam_cheap_steps_differ_from_sam_and_from_the_base():
+    """The parity problem is sensitive to the cheap steps: SAM every step, or ``alpha = 0`` (the
+    base step with ``g``), end far from LookSAM."""
+    kwargs, base = parity.LOOKSAM_CASES[0][1:]
+    looksam = parity.looksam_reference_trajectory(kwargs, base)[-1]
+    every_step = parity.looksam_reference_trajectory({**kwargs, "k": 1}, base)[-1]
+    no_g_v = parity.looksam_reference_trajectory({**kwargs, "alpha": 0.0}, base)[-1]
+    for other in (every_step, no_g_v):
+        assert max(np.abs(a - b).max() for a, b in zip(looksam, other)) > 1e-4
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+@pytest.mark.parametrize("adaptive,rho", [(False, 0.05), (True, 0.5)], ids=["sam", "asam"])
+def test_looksam_with_k_one_is_sam(adaptive, rho, momentum):
+    """Every step a SAM step: the same ``e`` and the base step with ``g_adv``, bit for bit."""
+    ours, sam = leaves(parity.init_params()), leaves(parity.init_params())
+    kwargs = dict(rho=rho, adaptive=adaptive, lr=0.1, momentum=momentum)
+    got = looksam_run(LookSAM(ours, k=1, **kwargs), ours, batches=torch_batches() * 2)
+    want = looksam_run(SAM(sam, **kwargs), sam, sam_explicit_step, batches=torch_batches() * 2)
+    parity.assert_trajectories_close(got, want, 0.0)
+
+
+def test_looksam_per_group_rho_acts_on_the_sam_steps():
+    """Two groups with different rho: the SAM step's ascent is SAM's with the same groups."""
+    ours, sam = leaves(parity.init_params()), leaves(parity.init_params())
+    got = looksam_run(LookSAM([{"params": ours[:2], "rho": 0.3}, {"params": ours[2:]}], k=1,
+                              rho=0.05, lr=0.1), ours)
+    want = looksam_run(SAM([{"params": sam[:2], "rho": 0.3}, {"params": sam[2:]}], rho=0.05,
+                           lr=0.1), sam, sam_explicit_step)
+    parity.assert_trajectories_close(got, want, 0.0)
+
+
+# --- the cost: n + ceil(n / k) gradient evaluations ----------------------------------------------
+
+
+@pytest.mark.parametrize("n,k", [(5, 1), (10, 3), (7, 7), (9, 10), (20, 10), (11, 2)])
+def test_looksam_evaluates_n_plus_ceil_n_over_k_gradients(n, k):
+    params = leaves(parity.init_params())
+    batches = (torch_batches() * 5)[:n]
+    optimizer = LookSAM(params, k=k, lr=0.1)
+    calls = []
+    for x, y in batches:
+        optimizer.step(closure_for(optimizer, params, x, y, calls))
+    assert len(calls) == n + math.ceil(n / k)
+    assert optimizer.steps_taken == n
+
+    twin = leaves(parity.init_params())
+    twin_optimizer = LookSAM(twin, k=k, lr=0.1)
+    backward_passes, second_passes = 0, 0
+    for x, y in batches:
+        mlp_loss(twin, x, y).backward()
+        backward_passes += 1
+        if twin_optimizer.first_step(zero_grad=True):
+            mlp_loss(twin, x, y).backward()
+            backward_passes += 1
+            second_passes += 1
+            twin_optimizer.second_step(zero_grad=True)
+    assert backward_passes == n + math.ceil(n / k) and second_passes == math.ceil(n / k)
+    assert_bit_identical(twin, params)
+
+
+def test_looksam_first_step_says_which_step_it_took():
+    """k = 3: steps 0 and 3 are SAM steps (weights at w + e, base not stepped), the others cheap
+    (the base step is done, nothing left to restore)."""
+    params = leaves(parity.init_params())
+    optimizer = LookSAM(params, k=3, rho=0.1, lr=0.1)
+    for t, (x, y) in enumerate(torch_batches()):
+        before = snapshot(params)
+        g = torch.autograd.grad(mlp_loss(params, x, y), params)
+        mlp_loss(params, x, y).backward()
+        sam_step = optimizer.first_step(zero_grad=True)
+        assert sam_step == (t % 3 == 0)
+        if sam_step:
+            e = [p - w for p, w in zip(snapshot(params), before)]
+            norm = torch.sqrt(sum(torch.sum(g_p * g_p) for g_p in g))
+            for e_p, g_p in zip(e, g):
+                torch.testing.assert_close(e_p, 0.1 * g_p / norm, rtol=0, atol=1e-12)
+            mlp_loss(params, x, y).backward()
+            optimizer.second_step(zero_grad=True)
+        else:
+            assert optimizer._saved_w is None
+            with pytest.raises(RuntimeError, match=r"first_step\(\) returned True"):
+                optimizer.second_step()
+        assert not all(torch.equal(p, w) for p, w in zip(params, before))
+        assert optimizer.steps_taken == t + 1
+
+
+def test_looksam_step_returns_the_loss_at_w_and_needs_a_closure():
+    params = leaves(parity.init_params())
+    optimizer = LookSAM(params, k=2, lr=0.1)
+    for x, y in torch_batches()[:2]:  # a SAM step, then a cheap one
+        with torch.no_grad():
+            loss_at_w = mlp_loss(params, x, y)
+        assert optimizer.step(closure_for(optimizer, params, x, y)).item() == loss_at_w.item()
+    with pytest.raises(ValueError, match="closure"):
+        optimizer.step()
+
+
+# --- state and checkpoints -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("base,kwargs,keys", [
+    (torch.optim.SGD, dict(lr=0.1, momentum=0.9), {"momentum_buffer", "g_v"}),
+    (torch.optim.Adam, dict(lr=0.01), {"step", "exp_avg", "exp_avg_sq", "g_v"}),
+], ids=["sgd-momentum", "adam"])
+def test_looksam_g_v_is_stored_after_the_base_step(base, kwargs, keys):
+    params = leaves(parity.init_params())
+    x, y = torch_batches()[0]
+    optimizer = LookSAM(params, base, k=2, **kwargs)
+    assert optimizer.param_groups is optimizer.base_optimizer.param_groups
+    assert optimizer.state is optimizer.base_optimizer.state
+    mlp_loss(params, x, y).backward()
+    optimizer.first_step(zero_grad=True)
+    assert len(optimizer.state) == 0  # neither w nor g in the state: Adam still initialises
+    mlp_loss(params, x, y).backward()
+    optimizer.second_step(zero_grad=True)
+    assert set(optimizer.state[params[0]]) == keys
+    g = [torch.tensor(g_p) for g_p in
+         ref.mlp_loss_and_grad(parity.init_params(), *parity.batches()[0])[1]]
+    g_v = [optimizer.state[p]["g_v"] for p in params]
+    cosine = sum(torch.sum(v * g_p) for v, g_p in zip(g_v, g)) / (
+        torch.sqrt(sum(torch.sum(v * v) for v in g_v) * sum(torch.sum(g_p * g_p) for g_p in g)))
+    assert abs(cosine.item()) < 1e-10  # orthogonal to g
+
+
+def test_looksam_g_v_of_a_parameter_without_a_gradient_is_dropped():
+    """A tensor that had no gradient on the last SAM step has ``g_v = 0``: no stale ``g_v``."""
+    first, second = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    optimizer = LookSAM(list(first.parameters()) + list(second.parameters()), k=1, lr=0.1)
+    x = torch.randn(4, 3)
+    for model in (lambda: first(x) + second(x), lambda: first(x)):
+        def closure(model=model):
+            optimizer.zero_grad(set_to_none=True)
+            loss = model().pow(2).mean()
+            loss.backward()
+            return loss
+
+        optimizer.step(closure)
+    assert all("g_v" in optimizer.state[p] for p in first.parameters())
+    assert all("g_v" not in optimizer.state[p] for p in second.parameters())
+
+
+@pytest.mark.parametrize("base", [(torch.optim.SGD, dict(lr=0.1, momentum=0.9)),
+                                  (torch.optim.Adam, dict(lr=0.01))], ids=["sgd-momentum", "adam"])
+def test_looksam_resumed_run_equals_an_uninterrupted_one(base):
+    """k = 3, saved after step 5: the resumed run starts with a cheap step (t = 5) that needs the
+    ``g_v`` of step 3 and the step count, both from disk."""
+    def make_run(seed):
+        torch.manual_seed(seed)
+        model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(),
+                                    torch.nn.Linear(4, 3)).to(torch.float64)
+        base_optimizer, base_kwargs = base
+        return model, LookSAM(model.parameters(), base_optimizer, rho=0.1, k=3, **base_kwargs)
+
+    batches = torch_batches() * 2
+    uninterrupted, optimizer = make_run(0)
+    train(uninterrupted, optimizer, batches)
+
+    model, optimizer = make_run(0)
+    train(model, optimizer, batches[:5])
+    checkpoint = checkpoint_round_trip(model, optimizer)
+    resumed_model, resumed = make_run(1)  # another init: everything must come from disk
+    resumed_model.load_state_dict(checkpoint["model"])
+    resumed.load_state_dict(checkpoint["optimizer"])
+    assert resumed.param_groups is resumed.base_optimizer.param_groups
+    assert resumed.state is resumed.base_optimizer.state
+    assert resumed.steps_taken == 5
+    train(resumed_model, resumed, batches[5:])
+
+    assert_bit_identical(resumed_model.parameters(), uninterrupted.parameters())
+
+
+# --- BatchNorm -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["ema", "cumulative"])
+def test_looksam_running_statistics_come_from_pass_one_only(momentum):
+    """On SAM steps ``disable_running_stats`` keeps pass (3) out of the statistics; cheap steps
+    have one pass. Either way the statistics are those of one forward pass at ``w``."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.BatchNorm1d(4, momentum=momentum),
+                                torch.nn.Tanh(), torch.nn.Linear(4, 3))
+    optimizer = LookSAM(model.parameters(), rho=0.5, k=2, lr=0.1)
+    for t in range(4):
+        x, y = torch.randn(8, 5), torch.randint(0, 3, (8,))
+        pass_one_only = copy.deepcopy(model)
+        pass_one_only(x)
+        F.cross_entropy(model(x), y).backward()
+        if optimizer.first_step(zero_grad=True):
+            with disable_running_stats(model):
+                F.cross_entropy(model(x), y).backward()
+            optimizer.second_step(zero_grad=True)
+        bn, want = model[1], pass_one_only[1]
+        assert bn.momentum == momentum
+        assert torch.equal(bn.running_mean, want.running_mean)
+        assert torch.equal(bn.running_var, want.running_var)
+        assert torch.equal(bn.num_batches_tracked, want.num_batches_tracked)
+
+
+# --- validation and failures ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs,name", [
+    (dict(k=0), "k"),
+    (dict(k=2.0), "k"),
+    (dict(k=True), "k"),
+    (dict(alpha=-0.1), "alpha"),
+    (dict(alpha=float("nan")), "alpha"),
+    (dict(rho=-0.1), "rho"),
+    (dict(perturb_eps=-1e-12), "perturb_eps"),
+    (dict(base_optimizer=object), "base_optimizer"),
+], ids=["k-0", "k-float", "k-bool", "alpha", "alpha-nan", "rho", "perturb_eps", "base"])
+def test_looksam_invalid_arguments_are_named(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        LookSAM(leaves(parity.init_params()), lr=0.1, **kwargs)
+
+
+def after_one_sam_step(k=2):
+    params = leaves(parity.init_params())
+    optimizer = LookSAM(params, k=k, lr=0.1, momentum=0.9)
+    looksam_explicit_step(optimizer, params, *torch_batches()[0])
+    return params, optimizer
+
+
+def base_state(optimizer, params):
+    return [optimizer.state[p]["momentum_buffer"].clone() for p in params]
+
+
+@BAD
+@pytest.mark.parametrize("sam_step", [True, False], ids=["sam-step", "cheap-step"])
+def test_looksam_non_finite_gradient_at_w_raises_and_leaves_everything(bad, sam_step):
+    params, optimizer = after_one_sam_step(k=2 if sam_step else 3)
+    if sam_step:
+        looksam_explicit_step(optimizer, params, *torch_batches()[1])  # t = 2 is a SAM step
+    before, state, t = snapshot(params), base_state(optimizer, params), optimizer.steps_taken
+    with_gradients(params, gradients(params, bad))
+    with pytest.raises(FloatingPointError, match="non-finite gradient at w;"):
+        optimizer.first_step()
+    assert_bit_identical(params, before)
+    assert_bit_identical(base_state(optimizer, params), state)
+    assert optimizer.steps_taken == t
+
+
+@BAD
+def test_looksam_non_finite_gradient_at_w_plus_e_raises_and_restores_w(bad):
+    params = leaves(parity.init_params())
+    optimizer = LookSAM(params, k=2, rho=0.5, adaptive=True, lr=0.1, momentum=0.9)
+    before = snapshot(params)
+    with_gradients(params, gradients(params))
+    assert optimizer.first_step()
+    with_gradients(params, gradients(params, bad))
+    with pytest.raises(FloatingPointError, match="non-finite gradient at w \\+ e"):
+        optimizer.second_step()
+    assert_bit_identical(params, before)
+    assert len(optimizer.state) == 0  # the base optimizer did not step, no g_v
+    assert optimizer.steps_taken == 0
+
+
+def test_looksam_zero_gradients_give_no_nan():
+    """Zero ``g`` on a SAM step (``e = 0``, ``g_v = 0``) and on a cheap step (``d = 0``)."""
+    params = leaves(parity.init_params())
+    optimizer = LookSAM(params, k=2, lr=0.1)
+    before = snapshot(params)
+    for _ in range(2):
+        with_gradients(params, [np.zeros(p.shape) for p in params])
+        if optimizer.first_step():
+            with_gradients(params, [np.zeros(p.shape) for p in params])
+            optimizer.second_step()
+        assert_bit_identical(params, before)
+    assert optimizer.steps_taken == 2
+
+
+def test_looksam_steps_must_alternate_on_sam_steps():
+    params = leaves(parity.init_params())
+    optimizer = LookSAM(params, k=2, lr=0.1)
+    with pytest.raises(RuntimeError, match="first_step"):
+        optimizer.second_step()
+    with pytest.raises(RuntimeError, match="backward"):
+        optimizer.first_step()
+    with_gradients(params, gradients(params))
+    optimizer.first_step()
+    with pytest.raises(RuntimeError, match="twice"):
+        optimizer.first_step()
