@@ -282,6 +282,13 @@ def test_bsam_step_returns_the_loss_at_the_noisy_point_and_evaluates_the_closure
     torch.testing.assert_close(loss, want, rtol=0, atol=1e-15)
 
 
+def test_bsam_and_looksam_take_numpy_integers_like_the_reference():
+    bsam = BSAM(leaves(parity.init_params()), num_data=np.int64(100), seed=np.int64(3))
+    looksam = LookSAM(leaves(parity.init_params()), k=np.int64(3), lr=0.1)
+    assert (bsam.num_data, bsam.seed, looksam.k) == (100, 3, 3)
+    assert all(type(v) is int for v in (bsam.num_data, bsam.seed, looksam.k))
+
+
 def test_bsam_step_without_a_closure_names_it():
     optimizer = BSAM(leaves(parity.init_params()), num_data=100)
     with pytest.raises(ValueError, match="closure"):
@@ -658,6 +665,28 @@ def test_looksam_per_group_rho_acts_on_the_sam_steps():
     want = looksam_run(SAM([{"params": sam[:2], "rho": 0.3}, {"params": sam[2:]}], rho=0.05,
                            lr=0.1), sam, sam_explicit_step)
     parity.assert_trajectories_close(got, want, 0.0)
+
+
+@pytest.mark.parametrize("api,attach_to_base", [(looksam_closure_step, False),
+                                                  (looksam_explicit_step, True)],
+                         ids=["closure-scheduler-on-looksam", "explicit-scheduler-on-base"])
+def test_looksam_lr_scheduler_sets_the_lr_of_sam_and_cheap_steps(api, attach_to_base):
+    """With rho = 0 and alpha = 0 both kinds of step are the base step with ``g``, so the move
+    shows which lr each one used."""
+    params = leaves(parity.init_params())
+    optimizer = LookSAM(params, rho=0.0, k=2, alpha=0.0, lr=0.1)
+    scheduler = torch.optim.lr_scheduler.StepLR(
+        optimizer.base_optimizer if attach_to_base else optimizer, step_size=1, gamma=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. "lr_scheduler.step() before optimizer.step()"
+        for t, (x, y) in enumerate(torch_batches()):
+            before = snapshot(params)
+            g = torch.autograd.grad(mlp_loss(params, x, y), params)
+            api(optimizer, params, x, y)
+            scheduler.step()
+            for p, w, g_p in zip(params, before, g):
+                torch.testing.assert_close(p.detach(), w - 0.1 * 0.5 ** t * g_p, rtol=0,
+                                           atol=1e-15)
 
 
 # --- the cost: n + ceil(n / k) gradient evaluations ----------------------------------------------

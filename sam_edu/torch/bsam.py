@@ -50,6 +50,7 @@ of ``w``: (1) ``g`` at the noisy point, (2) ascend to ``w_adv``, (3) ``g_adv`` t
 from __future__ import annotations
 
 import contextlib
+import numbers
 from collections.abc import Callable, Collection, Iterator, Sequence
 
 import torch
@@ -65,7 +66,8 @@ def check_bsam_arguments(num_data: int, lr: float, beta1: float, beta2: float,
                          weight_decay: float, rho: float, damping: float,
                          s_init: float = 1.0, where: str = "") -> None:
     """``ValueError`` naming the first argument out of its range (``where`` names its group)."""
-    if not (isinstance(num_data, int) and not isinstance(num_data, bool) and num_data >= 1):
+    if not (isinstance(num_data, numbers.Integral) and not isinstance(num_data, bool)
+            and num_data >= 1):
         raise ValueError(f"num_data must be an integer >= 1 (the training set size), "
                          f"got {num_data!r}")
     for name, value in (("lr", lr), ("weight_decay", weight_decay), ("rho", rho),
@@ -145,13 +147,14 @@ class BSAM(torch.optim.Optimizer):
         seed: int | None = None,
     ) -> None:
         check_bsam_arguments(num_data, lr, beta1, beta2, weight_decay, rho, damping, s_init)
-        if not (seed is None or (isinstance(seed, int) and not isinstance(seed, bool))):
-            raise ValueError(f"seed must be an int or None, got {seed!r}")
-        self.num_data = num_data
+        if not (seed is None or (isinstance(seed, numbers.Integral)
+                                 and not isinstance(seed, bool))):
+            raise ValueError(f"seed must be an integer or None, got {seed!r}")
+        self.num_data = int(num_data)
         self.s_init = s_init
         super().__init__(params, dict(lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay,
                                       rho=rho, damping=damping))
-        self.seed = seed
+        self.seed = None if seed is None else int(seed)
         self.generators: dict[torch.device, torch.Generator] = {}
         self.steps_taken = 0
         # w, saved by noisy_step() for (2) and (4), and g from (1), kept for update 7. Not in

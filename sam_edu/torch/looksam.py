@@ -32,10 +32,13 @@ took, so that the loop runs the second pass only when it is needed::
 
 ``g_v`` is kept in the optimizer's state (``state[p]["g_v"]``) and the step count ``t`` in
 ``steps_taken``: both are part of ``state_dict()``, so a resumed run continues the cycle exactly.
+An LR scheduler is attached as with SAM: to the optimizer with ``step(closure)``, to
+``optimizer.base_optimizer`` with the explicit loop (both steps end in its ``step()``).
 """
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable
 
 import torch
@@ -95,14 +98,14 @@ class LookSAM(SAM):
         perturb_eps: float = 1e-12,
         **base_kwargs,
     ) -> None:
-        if not (isinstance(k, int) and not isinstance(k, bool) and k >= 1):
+        if not (isinstance(k, numbers.Integral) and not isinstance(k, bool) and k >= 1):
             raise ValueError(f"k must be an integer >= 1 (a full SAM step every k steps), "
                              f"got {k!r}")
         if not alpha >= 0:
             raise ValueError(f"alpha must be >= 0, got {alpha}")
         super().__init__(params, base_optimizer, rho=rho, adaptive=adaptive,
                          perturb_eps=perturb_eps, **base_kwargs)
-        self.k = k
+        self.k = int(k)
         self.alpha = alpha
         self.steps_taken = 0
         # g, saved in (1) of a SAM step for g_v. Not in self.state, for the reason SAM keeps w out.
