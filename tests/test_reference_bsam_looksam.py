@@ -83,6 +83,7 @@ def test_bsam_perturbation_is_preconditioned_not_normalised():
 
 @pytest.mark.parametrize("kwargs,name", [
     (dict(num_data=0), "num_data"), (dict(num_data=2.5), "num_data"),
+    (dict(num_data=True), "num_data"),
     (dict(lr=-0.1), "lr"), (dict(rho=-1.0), "rho"), (dict(damping=-0.1), "damping"),
     (dict(weight_decay=-1e-4), "weight_decay"), (dict(beta1=1.0), "beta1"),
     (dict(beta2=-0.1), "beta2"), (dict(s_init=0.0), "s_init"),
@@ -93,6 +94,11 @@ def test_bsam_arguments_are_validated(kwargs, name):
     args.update(kwargs)
     with pytest.raises(ValueError, match=name):
         ref.check_bsam_arguments(**args)
+
+
+def test_bsam_init_refuses_a_non_positive_precision():
+    with pytest.raises(ValueError, match="s_init"):
+        ref.bsam_init([np.zeros(3)], s_init=-1.0)
 
 
 def test_bsam_step_refuses_a_non_finite_gradient():

@@ -41,7 +41,8 @@ def check_bsam_arguments(num_data: int, lr: float, beta1: float, beta2: float,
                          weight_decay: float, rho: float, damping: float,
                          s_init: float = 1.0) -> None:
     """``ValueError`` naming the first argument out of its range."""
-    if not (isinstance(num_data, (int, np.integer)) and num_data >= 1):
+    if not (isinstance(num_data, (int, np.integer)) and not isinstance(num_data, bool)
+            and num_data >= 1):
         raise ValueError(f"num_data must be an integer >= 1 (the training set size), "
                          f"got {num_data!r}")
     for name, value in (("lr", lr), ("weight_decay", weight_decay), ("rho", rho),
@@ -57,6 +58,8 @@ def check_bsam_arguments(num_data: int, lr: float, beta1: float, beta2: float,
 
 def bsam_init(params: Params, s_init: float = 1.0) -> tuple[Params, Params]:
     """The state ``(m, s)``: momentum ``m = 0`` and precision ``s = s_init``, one per tensor."""
+    if not s_init > 0:
+        raise ValueError(f"s_init must be > 0 (a precision), got {s_init}")
     return [np.zeros_like(w) for w in params], [np.full_like(w, s_init) for w in params]
 
 
