@@ -144,7 +144,7 @@ def wsam_reference_trajectory(wsam_kwargs: dict, base_kwargs: dict) -> list[list
 # num_data is small so that the noise 1/sqrt(N s) is large enough to matter.
 BSAM_CASES = [
     ("bsam-defaults", dict(num_data=100)),
-    ("bsam-tuned", dict(num_data=40, lr=0.2, beta1=0.8, beta2=0.99, weight_decay=0.01,
+    ("bsam-tuned", dict(num_data=10, lr=0.2, beta1=0.8, beta2=0.99, weight_decay=0.01,
                         rho=0.01, damping=0.05, s_init=2.0)),
 ]
 bsam_case_params = pytest.mark.parametrize(

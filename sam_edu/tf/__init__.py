@@ -1,5 +1,10 @@
-"""SAM, GSAM and WSAM for TensorFlow / Keras 3: Keras optimizers, a ``model.fit`` train step,
-the pure math.
+"""SAM, GSAM, WSAM, bSAM and LookSAM for TensorFlow / Keras 3: Keras optimizers, a ``model.fit``
+train step, the pure math.
+
+``SAM`` (ASAM with ``adaptive=True``) wraps a base optimizer; ``GSAM``, ``WSAM`` and ``LookSAM``
+are SAMs that change the base step's direction (LookSAM's ``first_step`` also says whether pass 2
+is needed). ``BSAM`` is a full optimizer of its own (Bayesian SAM: a mean and a precision per
+weight, pass 1 at a noisy point, ``posterior_sample`` for model averaging).
 
 Needs Keras 3 on the TensorFlow backend; ``KERAS_BACKEND`` defaults to ``tensorflow`` here.
 """
@@ -14,7 +19,23 @@ if keras.backend.backend() != "tensorflow":
     raise ImportError("sam_edu.tf needs Keras on the TensorFlow backend (KERAS_BACKEND="
                       f"tensorflow); Keras is running on {keras.backend.backend()!r}")
 
+from sam_edu.tf.bsam import (  # noqa: E402
+    BSAM,
+    bsam_mean,
+    bsam_momentum,
+    bsam_perturbation,
+    bsam_precision,
+    check_bsam_arguments,
+    posterior_sample,
+)
 from sam_edu.tf.gsam import GSAM, decompose, gsam_direction, gsam_perturbation  # noqa: E402
+from sam_edu.tf.looksam import (  # noqa: E402
+    LookSAM,
+    check_looksam_arguments,
+    is_sam_step,
+    looksam_direction,
+    orthogonal_component,
+)
 from sam_edu.tf.sam import (  # noqa: E402
     SAM,
     asam_perturbation,
@@ -34,18 +55,30 @@ from sam_edu.tf.wsam import (  # noqa: E402
 )
 
 __all__ = [
+    "BSAM",
     "GSAM",
+    "LookSAM",
     "SAM",
     "WSAM",
     "asam_perturbation",
     "ascend",
+    "bsam_mean",
+    "bsam_momentum",
+    "bsam_perturbation",
+    "bsam_precision",
     "centralize_gradient",
+    "check_bsam_arguments",
+    "check_looksam_arguments",
     "clip_by_global_norm",
     "decompose",
     "global_norm",
     "gsam_direction",
     "gsam_perturbation",
+    "is_sam_step",
+    "looksam_direction",
+    "orthogonal_component",
     "perturbation",
+    "posterior_sample",
     "sam_perturbation",
     "sam_train_step",
     "scale_operator",

@@ -163,16 +163,20 @@ _KERAS_ARGUMENTS = ("learning_rate", "weight_decay", "clipnorm", "clipvalue", "g
                     "gradient_accumulation_steps")
 
 
-def _refuse_arguments(owner: str, kwargs: dict) -> None:
-    """Raise ``ValueError`` for any argument ``owner`` was given and does not take."""
+_BASE_OPTIMIZER_HINT = (" Set the learning rate, weight decay, clipping (global_clipnorm keeps "
+                        "the direction) and EMA on base_optimizer: it applies them to the step "
+                        "at w with g_adv. Loss scaling and gradient accumulation are not "
+                        "supported yet.")
+
+
+def _refuse_arguments(owner: str, kwargs: dict, hint: str = _BASE_OPTIMIZER_HINT) -> None:
+    """Raise ``ValueError`` for any argument ``owner`` was given and does not take, adding
+    ``hint`` when one of them is a Keras optimizer argument."""
     if kwargs:
         names = ", ".join(f"`{k}`" for k in kwargs)
         known = [k for k in kwargs if k in _KERAS_ARGUMENTS]
-        hint = (" Set the learning rate, weight decay, clipping (global_clipnorm keeps the "
-                "direction) and EMA on base_optimizer: it applies them to the step at w "
-                "with g_adv. Loss scaling and gradient accumulation are not supported yet."
-                if known else "")
-        raise ValueError(f"{owner} does not accept the argument(s) {names}.{hint}")
+        raise ValueError(f"{owner} does not accept the argument(s) {names}."
+                         f"{hint if known else ''}")
 
 
 @keras.saving.register_keras_serializable(package="sam_edu")
@@ -264,13 +268,13 @@ class SAM(keras.optimizers.Optimizer):
         with tf.control_dependencies([paired]):  # nothing below runs if the check fails
             g = _check_finite(gradients, "non-finite gradient at w; the weights were not changed")
             g = [tf.zeros_like(v) if t is None else t for t, v in zip(g, variables)]
-            if self.use_gc:
-                g = [centralize_gradient(t, out_axis=-1) for t in g]
             params = [tf.convert_to_tensor(v) for v in variables]
             for v, w, t in zip(variables, params, g):
                 self._backups[self._get_variable_index(v)].assign(w)
                 if self._keeps_centre_gradient:
                     self._centre_gradients[self._get_variable_index(v)].assign(t)
+            if self.use_gc:  # the ascent gradient only; the g kept above stays as it is
+                g = [centralize_gradient(t, out_axis=-1) for t in g]
             # (2) ascend to w + e(w)
             e = self._perturbation(g, params)
             moved = [_assign(v, w_e) for v, w_e in zip(variables, ascend(params, e))]
@@ -298,8 +302,10 @@ class SAM(keras.optimizers.Optimizer):
         with tf.control_dependencies(restored):
             g_adv = _check_finite(gradients, "non-finite gradient at w + e; the weights were "
                                              "restored to w and not updated")
-        # (5) base step at w
-        self._step_at_w(g_adv, variables)
+        # (5) base step at w, after every check: in a tf.function a failed one must stop all of
+        #     it, the base optimizer's step count included
+        with tf.control_dependencies([t for t in g_adv if t is not None]):
+            self._step_at_w(g_adv, variables)
 
     def _perturbation(self, g, params):
         """Step (2)'s ``e(w)``: SAM's, or ASAM's with ``adaptive``."""
@@ -350,18 +356,21 @@ class SAM(keras.optimizers.Optimizer):
 _PLAIN_SAM = weakref.WeakKeyDictionary()
 
 
-def _sam_for(model, rho) -> SAM:
-    """``model.optimizer`` if it is a :class:`SAM` (GSAM and WSAM are: checked to train ``model``),
-    else a SAM (``rho``, default 0.05) around it."""
+def _sam_for(model, rho):
+    """``model.optimizer`` if it is a :class:`SAM` (GSAM, WSAM and LookSAM are: checked to train
+    ``model``) or a :class:`~sam_edu.tf.BSAM`, else a SAM (``rho``, default 0.05) around it."""
+    from sam_edu.tf.bsam import BSAM  # imported here: bsam.py builds on this module
+
     optimizer = model.optimizer
-    if isinstance(optimizer, SAM):
-        if optimizer.model is not None and optimizer.model is not model:
+    if isinstance(optimizer, (SAM, BSAM)):
+        if (isinstance(optimizer, SAM) and optimizer.model is not None
+                and optimizer.model is not model):
             raise ValueError(f"the compiled {type(optimizer).__name__} was built with "
                              f"model={optimizer.model.name!r} but is training {model.name!r}: "
                              "pass it the model it trains, or model=None")
         if rho is not None and rho != optimizer.rho:
-            raise ValueError(f"rho={rho} given, but the compiled SAM optimizer has "
-                             f"rho={optimizer.rho}; set rho on the optimizer only")
+            raise ValueError(f"rho={rho} given, but the compiled {type(optimizer).__name__} "
+                             f"optimizer has rho={optimizer.rho}; set rho on the optimizer only")
         return optimizer
     rho = 0.05 if rho is None else rho
     sam = _PLAIN_SAM.get(model)
@@ -374,15 +383,21 @@ def sam_train_step(model, data, rho=None):
     """One exact SAM step for ``model.fit``: both passes on the same batch.
 
     Use it as ``def train_step(self, data): return sam_train_step(self, data)``. With a compiled
-    :class:`SAM` (or GSAM, WSAM) its settings are used; with any other compiled optimizer that
-    optimizer is the base of a plain SAM with radius ``rho`` (default 0.05). The loss and metrics
-    logged are those of the clean pass at ``w``, and state that pass 2 changes besides the weights
-    (BatchNorm moving statistics, per-output loss trackers) is put back to its value after pass 1.
-    Dropout draws new masks in pass 2.
+    :class:`SAM` (or GSAM, WSAM, LookSAM, BSAM) its settings are used; with any other compiled
+    optimizer that optimizer is the base of a plain SAM with radius ``rho`` (default 0.05). The
+    loss and metrics logged are those of pass 1: the clean pass at ``w`` (bSAM's runs at the noisy
+    point ``w + n / sqrt(N s)`` drawn by its ``noisy_step``), and state that pass 2 changes
+    besides the weights (BatchNorm moving statistics, per-output loss trackers) is put back to its
+    value after pass 1. Dropout draws new masks in pass 2. LookSAM runs pass 2 on its SAM steps
+    only (``tf.cond`` on what its ``first_step`` returns): one forward/backward on the others.
     """
+    from sam_edu.tf.bsam import BSAM  # imported here: bsam.py builds on this module
+
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
     optimizer = _sam_for(model, rho)
     variables = model.trainable_variables
+    if isinstance(optimizer, BSAM):
+        optimizer.noisy_step(variables)  # bSAM's pass 1 runs at a draw from its posterior
 
     # (1) gradient at the centre; this clean pass is the one that is logged
     with tf.GradientTape() as tape:
@@ -390,25 +405,31 @@ def sam_train_step(model, data, rho=None):
         loss = model.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight,
                                   training=True)
     gradients = tape.gradient(loss, variables)
-    # (2) ascend to w + e(w)
-    optimizer.first_step(gradients, variables)
-    # Pass 2 would update BatchNorm's moving statistics again (and, for a model with several
-    # outputs, its per-output loss trackers). Keras updates moving = moving*momentum +
-    # batch*(1-momentum), so momentum=0 would overwrite them; instead we save everything
-    # non-trainable after pass 1 and copy it back after pass 2, which covers any stateful layer.
-    # `non_trainable_weights` leaves out the random-seed states, so dropout keeps drawing fresh
-    # masks rather than replaying pass 2's in the next step.
-    state = model.non_trainable_weights + model.metrics_variables
-    saved = [tf.identity(v) for v in state]
+    # (2) ascend to w + e(w); None, or LookSAM's bool: False when its cheap step is already done
+    perturbed = optimizer.first_step(gradients, variables)
 
-    # (3) gradient at the perturbed point, same batch
-    with tf.GradientTape() as tape:
-        loss_adv = model.compute_loss(x=x, y=y, y_pred=model(x, training=True),
-                                      sample_weight=sample_weight, training=True)
-    for v, value in zip(state, saved):
-        v.assign(value)
-    # (4) restore w and (5) base step at w with d = g_adv
-    optimizer.second_step(tape.gradient(loss_adv, variables), variables)
+    def adversarial_pass():
+        # Pass 2 would update BatchNorm's moving statistics again (and, for a model with several
+        # outputs, its per-output loss trackers). Keras updates moving = moving*momentum +
+        # batch*(1-momentum), so momentum=0 would overwrite them; instead we save everything
+        # non-trainable after pass 1 and copy it back after pass 2, which covers any stateful
+        # layer. `non_trainable_weights` leaves out the random-seed states, so dropout keeps
+        # drawing fresh masks rather than replaying pass 2's in the next step.
+        state = model.non_trainable_weights + model.metrics_variables
+        saved = [tf.identity(v) for v in state]
+        # (3) gradient at the perturbed point, same batch
+        with tf.GradientTape() as tape:
+            loss_adv = model.compute_loss(x=x, y=y, y_pred=model(x, training=True),
+                                          sample_weight=sample_weight, training=True)
+        for v, value in zip(state, saved):
+            v.assign(value)
+        # (4) restore w and (5) base step at w with d = g_adv
+        optimizer.second_step(tape.gradient(loss_adv, variables), variables)
+
+    if perturbed is None:  # SAM, GSAM, WSAM, bSAM: every step has a pass 2
+        adversarial_pass()
+    else:  # LookSAM: a pass 2 on its SAM steps only
+        tf.cond(perturbed, adversarial_pass, lambda: None)
 
     loss_tracker = next(m for m in model.metrics if m.name == "loss")
     loss_tracker.update_state(loss, sample_weight=tf.shape(keras.tree.flatten(x)[0])[0])
