@@ -489,6 +489,7 @@ def _readme_data():
 
 
 @pytest.mark.filterwarnings("ignore:Do not pass an `input_shape`")
+@pytest.mark.filterwarnings("ignore:`shuffle=True` was passed")
 def test_seed_readme_bsam():
     from sam_edu.tf import BSAM  # README: from sam import BSAM
 
@@ -524,6 +525,7 @@ def test_seed_readme_bsam():
 
 
 @pytest.mark.filterwarnings("ignore:Do not pass an `input_shape`")
+@pytest.mark.filterwarnings("ignore:`shuffle=True` was passed")
 def test_seed_readme_looksam():
     from sam_edu.tf import LookSAM  # README: from optimizers.looksam import LookSAM
 
@@ -656,10 +658,15 @@ def test_bsam_invalid_settings_raise_naming_the_argument(kwargs, match):
         BSAM(**{"num_data": 100, **kwargs})
 
 
-def test_bsam_noise_must_match_the_variables():
+@pytest.mark.parametrize("noise", [[np.zeros(1)], [np.zeros(1), np.zeros(3)]],
+                         ids=["one-tensor-short", "wrong-shape"])
+def test_bsam_noise_must_match_the_variables(noise):
+    variables = [tf.Variable([1.0]), tf.Variable([2.0, 3.0])]
     opt = BSAM(100)
     with pytest.raises(ValueError, match="noise must hold one tensor per variable"):
-        opt.noisy_step([tf.Variable([1.0]), tf.Variable([2.0])], noise=[tf.zeros(1)])
+        opt.noisy_step(variables, noise=noise)
+    opt.noisy_step(variables, noise=[np.ones(1), np.zeros(2)])  # NumPy float64 is cast
+    np.testing.assert_allclose(variables[0].numpy(), 1.1, rtol=1e-6)
 
 
 @pytest.mark.parametrize("kwargs,match", [

@@ -209,10 +209,11 @@ class BSAM(keras.optimizers.Optimizer):
         self._check_variables_are_known(variables)
         if noise is None:
             noise = self._standard_normal(variables, self._seed_generator)
-        elif len(noise) != len(variables):
-            raise ValueError(f"noise must hold one tensor per variable ({len(variables)}), "
-                             f"got {len(noise)}")
-        noise = [tf.convert_to_tensor(n, dtype=v.dtype) for n, v in zip(noise, variables)]
+        noise = [tf.cast(n, v.dtype) for n, v in zip(noise, variables)]
+        if len(noise) != len(variables) or any(tuple(n.shape) != tuple(v.shape)
+                                               for n, v in zip(noise, variables)):
+            raise ValueError(f"noise must hold one tensor per variable ({len(variables)}), in "
+                             "order, shaped like it")
         idle = _check_flag(self._phase, _IDLE, "noisy_step() called twice: finish the step with "
                                                "first_step() and second_step() first")
         with tf.control_dependencies([idle]):  # nothing below runs if the check fails

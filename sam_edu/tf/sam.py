@@ -399,7 +399,7 @@ def sam_train_step(model, data, rho=None):
     if isinstance(optimizer, BSAM):
         optimizer.noisy_step(variables)  # bSAM's pass 1 runs at a draw from its posterior
 
-    # (1) gradient at the centre; this clean pass is the one that is logged
+    # (1) gradient at the centre (bSAM: at its noisy point); this pass is the one that is logged
     with tf.GradientTape() as tape:
         y_pred = model(x, training=True)
         loss = model.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight,
