@@ -77,7 +77,10 @@ def bsam_mean(params: Params, m: Params, s: Params, lr: float | jax.Array = 0.5)
 
 def bsam_precision(s: Params, grads: Params, beta2: float = 0.999, damping: float = 0.1,
                    weight_decay: float = 1e-4) -> Params:
-    """Update 7: ``s <- beta2 s + (1 - beta2)(sqrt(s) |g| + damping + delta)``, ``g`` from pass 1."""
+    """Update 7: ``s <- beta2 s + (1 - beta2)(sqrt(s) |g| + damping + delta)``.
+
+    ``g`` is pass 1's gradient, at the noisy point.
+    """
     return jax.tree.map(
         lambda si, g: beta2 * si + (1 - beta2) * (jnp.sqrt(si) * jnp.abs(g) + damping
                                                   + weight_decay),
@@ -108,9 +111,9 @@ class BSAMState(NamedTuple):
 
 
 def sample_posterior(key: jax.Array, params: Params, state: BSAMState, num_data: int) -> Params:
-    """A draw ``w + n / sqrt(N s)`` from the posterior ``N(w, 1/(N s))``, ``n ~ N(0, I)`` from ``key``.
+    """A draw ``w + n / sqrt(N s)`` from the posterior ``N(w, 1/(N s))``, ``n ~ N(0, I)``.
 
-    For Bayesian model averaging: average the predictions of several draws, each with its own
+    ``n`` is drawn from ``key``, one standard normal array per leaf. For Bayesian model averaging: average the predictions of several draws, each with its own
     key (e.g. ``jax.vmap`` over ``jax.random.split(key, 32)``). ``params`` are the mean ``w``,
     ``state`` is the :class:`BSAMState` of the same run, ``num_data`` the ``N`` given to
     :func:`bsam`.
