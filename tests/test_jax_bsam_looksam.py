@@ -395,6 +395,20 @@ def test_bsam_update_refuses_grads():
         opt.update(g, opt.init(params), params, grad_fn=grad_fn)
 
 
+@pytest.mark.parametrize("bad", [
+    pytest.param(lambda n: n[:3], id="too-few-leaves"),
+    pytest.param(lambda n: [n[0][:2]] + n[1:], id="wrong-shape"),
+    pytest.param(lambda n: [v[..., None] for v in n], id="extra-axis"),
+    pytest.param(lambda n: [v.sum() for v in n], id="scalars"),  # would broadcast silently
+])
+def test_bsam_noise_must_be_shaped_like_the_params(bad):
+    params, _, grad_fn = _problem()
+    opt = bsam(100)
+    noise = bad(as_jax(parity.bsam_noise()[0]))
+    with pytest.raises(ValueError, match="noise must be a pytree shaped like params"):
+        opt.update(None, opt.init(params), params, grad_fn=grad_fn, noise=noise)
+
+
 @pytest.mark.parametrize("missing", ["grad_fn", "params"])
 def test_bsam_update_without_grad_fn_or_params_names_it(missing):
     params, _, grad_fn = _problem()

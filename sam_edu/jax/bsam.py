@@ -113,10 +113,10 @@ class BSAMState(NamedTuple):
 def sample_posterior(key: jax.Array, params: Params, state: BSAMState, num_data: int) -> Params:
     """A draw ``w + n / sqrt(N s)`` from the posterior ``N(w, 1/(N s))``, ``n ~ N(0, I)``.
 
-    ``n`` is drawn from ``key``, one standard normal array per leaf. For Bayesian model averaging: average the predictions of several draws, each with its own
-    key (e.g. ``jax.vmap`` over ``jax.random.split(key, 32)``). ``params`` are the mean ``w``,
-    ``state`` is the :class:`BSAMState` of the same run, ``num_data`` the ``N`` given to
-    :func:`bsam`.
+    ``n`` is drawn from ``key``, one standard normal array per leaf. For Bayesian model
+    averaging, average the predictions of several draws, each with its own key (e.g.
+    ``jax.vmap`` over ``jax.random.split(key, 32)``). ``params`` are the mean ``w``, ``state`` is
+    the :class:`BSAMState` of the same run, ``num_data`` the ``N`` given to :func:`bsam`.
     """
     noise = optax.tree_utils.tree_random_like(key, params)
     return posterior_sample(params, state.precision, noise, num_data)
@@ -204,6 +204,13 @@ def bsam(
             notfinite_count=jnp.zeros([], jnp.int32),
         )
 
+    def step(g, g_adv, state: BSAMState, params: Params):
+        """(5) momentum, mean (with the old ``s``), then precision; updates are ``w_new - w``."""
+        m = bsam_momentum(state.momentum, g_adv, params, beta1, weight_decay)
+        new_params = bsam_mean(params, m, state.precision, lr_at(state.count))
+        updates = jax.tree.map(lambda new, w: new - w, new_params, params)
+        return updates, m, bsam_precision(state.precision, g, beta2, damping, weight_decay)
+
     def update_fn(grads, state: BSAMState, params: Params | None = None, *,
                   grad_fn: Callable[[Params], Params] | None = None,
                   noise: Params | None = None, **extra_args):
@@ -220,6 +227,11 @@ def bsam(
         key, draw = jax.random.split(state.key)
         if noise is None:  # a static choice: whether the caller passed a draw
             noise = optax.tree_utils.tree_random_like(draw, params)
+        elif jax.tree.map(jnp.shape, noise) != jax.tree.map(jnp.shape, params):
+            raise ValueError(
+                "bsam: noise must be a pytree shaped like params (one standard normal draw per "
+                f"weight), got shapes {jax.tree.map(jnp.shape, noise)} for params "
+                f"{jax.tree.map(jnp.shape, params)}")
         s = state.precision
         # (1) gradient at the noisy point w + n / sqrt(N s)
         g = grad_fn(posterior_sample(params, s, noise, num_data))
@@ -230,18 +242,11 @@ def bsam(
         g_adv = grad_fn(perturbed)
         finite = finite & jnp.isfinite(global_norm(g_adv))
         # (4) restore w: JAX is functional, so ``params`` was never changed
-        # (5) bSAM's own step: momentum, mean (with the old s), then precision; a non-finite g or
-        #     g_adv skips the step instead (``lax.cond`` selects a branch, so no NaN can leak)
-
-        def step():
-            m = bsam_momentum(state.momentum, g_adv, params, beta1, weight_decay)
-            new_params = bsam_mean(params, m, s, lr_at(state.count))
-            updates = jax.tree.map(lambda new, w: new - w, new_params, params)
-            return updates, m, bsam_precision(s, g, beta2, damping, weight_decay)
-
+        # (5) bSAM's own step; a non-finite g or g_adv skips it instead (``lax.cond`` selects a
+        #     branch, so no NaN can leak through arithmetic)
         updates, m, s = jax.lax.cond(
             finite,
-            step,
+            lambda: step(g, g_adv, state, params),
             lambda: (jax.tree.map(jnp.zeros_like, params), state.momentum, s),
         )
         return updates, BSAMState(
