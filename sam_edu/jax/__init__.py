@@ -4,6 +4,7 @@ Parameters, gradients and perturbations are pytrees; every norm is the **global*
 leaves (``../shared/SPEC.md``). The pure functions carry the names of ``sam_edu.reference``.
 """
 
+from sam_edu.jax.adversarial import AdversarialSAMState, adversarial_sam, normalize
 from sam_edu.jax.bsam import (
     BSAMState,
     bsam,
@@ -49,11 +50,13 @@ from sam_edu.jax.wsam import (
 )
 
 __all__ = [
+    "AdversarialSAMState",
     "BSAMState",
     "GSAMState",
     "LookSAMState",
     "SAMState",
     "WSAMState",
+    "adversarial_sam",
     "asam_perturbation",
     "ascend",
     "bsam",
@@ -71,6 +74,7 @@ __all__ = [
     "looksam",
     "looksam_direction",
     "lr_proportional_rho",
+    "normalize",
     "orthogonal_component",
     "perturbation",
     "posterior_sample",
