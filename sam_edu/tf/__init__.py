@@ -4,7 +4,10 @@ train step, the pure math.
 ``SAM`` (ASAM with ``adaptive=True``) wraps a base optimizer; ``GSAM``, ``WSAM`` and ``LookSAM``
 are SAMs that change the base step's direction (LookSAM's ``first_step`` also says whether pass 2
 is needed). ``BSAM`` is a full optimizer of its own (Bayesian SAM: a mean and a precision per
-weight, pass 1 at a noisy point, ``posterior_sample`` for model averaging).
+weight, pass 1 at a noisy point, ``posterior_sample`` for model averaging). ``AdversarialSAM`` is
+``optax.contrib.sam``'s formulation: any outer and any adversarial (inner) Keras optimizer,
+``sync_period`` gradients per outer step, transparent (``apply_gradients``, ``model.fit``) or
+opaque (``step(grad_fn, variables)``).
 
 Needs Keras 3 on the TensorFlow backend; ``KERAS_BACKEND`` defaults to ``tensorflow`` here.
 """
@@ -19,6 +22,7 @@ if keras.backend.backend() != "tensorflow":
     raise ImportError("sam_edu.tf needs Keras on the TensorFlow backend (KERAS_BACKEND="
                       f"tensorflow); Keras is running on {keras.backend.backend()!r}")
 
+from sam_edu.tf.adversarial import AdversarialSAM, normalize  # noqa: E402
 from sam_edu.tf.bsam import (  # noqa: E402
     BSAM,
     bsam_mean,
@@ -55,6 +59,7 @@ from sam_edu.tf.wsam import (  # noqa: E402
 )
 
 __all__ = [
+    "AdversarialSAM",
     "BSAM",
     "GSAM",
     "LookSAM",
@@ -76,6 +81,7 @@ __all__ = [
     "gsam_perturbation",
     "is_sam_step",
     "looksam_direction",
+    "normalize",
     "orthogonal_component",
     "perturbation",
     "posterior_sample",
