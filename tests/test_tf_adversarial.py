@@ -108,16 +108,24 @@ def run_tf(optimizer, variables, calls, opaque, compiled=False):
     return np.array(trajectory)
 
 
-def run_optax(name, calls, opaque, reset_state=True, sync_period=None, normalize=True):
-    """optax.contrib.sam on the same problem: the parameters after every ``update``."""
+def run_optax(name, calls, opaque, reset_state=True, sync_period=None, normalize=True,
+              peer="optax"):
+    """optax.contrib.sam (or ``peer="sam_edu.jax"``: our JAX ``adversarial_sam`` with its
+    ``normalize(eps)``) on the same problem: the parameters after every ``update``."""
     jax = pytest.importorskip("jax")
     optax = pytest.importorskip("optax")
     jax.config.update("jax_enable_x64", True)
     jnp = jax.numpy
     _, _, outer, adv, k = CASES[name]
-    adv = optax.chain(optax.contrib.normalize(), adv(optax)) if normalize else adv(optax)
-    sam = optax.contrib.sam(outer(optax), adv, sync_period=sync_period or k,
-                            reset_state=reset_state, opaque_mode=opaque)
+    if peer == "optax":
+        sam_fn, normalize_fn = optax.contrib.sam, optax.contrib.normalize
+    else:
+        from sam_edu import jax as samjax
+
+        sam_fn, normalize_fn = samjax.adversarial_sam, samjax.normalize
+    adv = optax.chain(normalize_fn(), adv(optax)) if normalize else adv(optax)
+    sam = sam_fn(outer(optax), adv, sync_period=sync_period or k, reset_state=reset_state,
+                 opaque_mode=opaque)
 
     def loss(params):
         x, y = params
@@ -200,6 +208,19 @@ def test_opaque_step_calls_grad_fn_sync_period_times_and_returns_the_loss_at_w()
     assert float(loss) == ref.two_basin_loss(np.array(START))
     assert int(optimizer.iterations) == 5 and int(optimizer.optimizer.iterations) == 1
 
+
+
+@pytest.mark.parametrize("sync_period", [None, 1], ids=["k", "k=1"])
+@pytest.mark.parametrize("opaque", [False, True], ids=["transparent", "opaque"])
+@pytest.mark.parametrize("name", ["drop-in-sam", "sam-adam"])
+def test_matches_the_jax_version(name, opaque, sync_period):
+    """sam_edu.jax.adversarial_sam, sync_period=1 included. Its ``normalize`` divides by
+    ``||g|| + eps`` where ours divides by ``max(||g||, eps)``: a relative 1e-11 apart."""
+    calls = 30
+    optimizer, variables = make(name, sync_period=sync_period)
+    got = run_tf(optimizer, variables, calls, opaque)
+    want = run_optax(name, calls, opaque, sync_period=sync_period, peer="sam_edu.jax")
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-10)
 
 # --- optax's sharp edges, fixed ------------------------------------------------------------------
 
