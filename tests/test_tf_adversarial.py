@@ -5,8 +5,9 @@ float64, every call of both modes must match it, where it is right. Where it is 
 gradient, transparent mode with sync_period=1) the tests pin our behaviour and optax's.
 
 Two Keras details the peer comparison must respect: Keras' SGD casts its Python-float momentum
-(and Adam its betas) through float32, so both sides use float32-exact values; Keras' Adam adds ``epsilon`` to ``sqrt(v)``
-before the bias correction and optax after it, so both use a negligible ``epsilon`` (1e-16).
+(and Adam its betas) through float32, so both sides use float32-exact values; Keras' Adam adds
+``epsilon`` to ``sqrt(v)`` before the bias correction and optax after it, so both use a negligible
+``epsilon`` (1e-16).
 """
 
 import contextlib
@@ -424,3 +425,21 @@ def test_one_optimizer_in_both_roles_or_a_built_one_is_refused():
     sgd.build(leaves())
     with pytest.raises(ValueError, match="already built"):
         AdversarialSAM(sgd, K_SGD(0.1))
+
+
+def test_sparse_and_missing_gradients():
+    """An embedding's IndexedSlices gradient is made dense; a variable without one stays put."""
+    table, unused = tf.Variable(np.arange(6.0).reshape(3, 2)), tf.Variable(np.float64(7.0))
+    optimizer = AdversarialSAM(K_SGD(0.1), K_SGD(0.5))
+    for _ in range(2):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(tf.gather(table, [0, 2]) ** 2)
+        grads = tape.gradient(loss, [table, unused])
+        assert isinstance(grads[0], tf.IndexedSlices) and grads[1] is None
+        with pytest.warns(UserWarning, match="Gradients do not exist"):
+            optimizer.apply_gradients(zip(grads, [table, unused]))
+    g = 2 * np.array([[0.0, 1.0], [0.0, 0.0], [4.0, 5.0]])
+    w_adv = np.arange(6.0).reshape(3, 2) + 0.5 * g / np.linalg.norm(g)
+    np.testing.assert_allclose(table.numpy(), np.arange(6.0).reshape(3, 2) - 0.1 * 2 * w_adv
+                               * np.array([[1], [0], [1]]), rtol=0, atol=1e-12)
+    assert float(unused.numpy()) == 7.0

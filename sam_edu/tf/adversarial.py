@@ -1,4 +1,4 @@
-"""SAM as an inner (adversarial) and an outer optimizer: ``optax.contrib.sam`` in TensorFlow/Keras 3.
+"""SAM as an inner (adversarial) and an outer optimizer: ``optax.contrib.sam`` in TF/Keras 3.
 
 ``optax.contrib.sam(optimizer, adv_optimizer, sync_period)`` describes SAM as two optimizers. From
 the outer parameters ``w`` the adversarial optimizer takes ``sync_period - 1`` steps *uphill*; the
@@ -42,6 +42,11 @@ from sam_edu.tf.sam import _assign, _refuse_arguments
 
 _HINT = (" Set the learning rate, weight decay, clipping and EMA on `optimizer` (the outer "
          "optimizer) or on `adv_optimizer`.")
+
+
+def _dense(grads) -> list:
+    """The gradients as dense tensors (an embedding's ``IndexedSlices`` too); ``None`` stays."""
+    return [None if g is None else tf.convert_to_tensor(g) for g in grads]
 
 
 def _all_finite(grads: list) -> tf.Tensor:
@@ -216,7 +221,7 @@ class AdversarialSAM(keras.optimizers.Optimizer):
                 raise ValueError("AdversarialSAM.apply() needs the variables on its first call")
             trainable_variables = self._trainable_variables
         variables = self._prepare(trainable_variables)
-        grads = list(grads)
+        grads = _dense(grads)
         check = self._guard(grads, variables, "at the current variables",
                             saved=self._steps_since_sync > 0)
         last = self.sync_period - 1
@@ -254,12 +259,12 @@ class AdversarialSAM(keras.optimizers.Optimizer):
             self._save_outer(variables)
             loss, grads = grad_fn()
         for _ in range(self.sync_period - 1):
-            grads = list(grads)
+            grads = _dense(grads)
             with tf.control_dependencies(
                     [self._guard(grads, variables, "at an adversarial step", saved=True)]):
                 self._adversarial_step(grads, variables)
                 _, grads = grad_fn()
-        grads = list(grads)
+        grads = _dense(grads)
         with tf.control_dependencies(
                 [self._guard(grads, variables, "for the outer step", saved=True)]):
             self._outer_step(grads, variables)

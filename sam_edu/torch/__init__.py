@@ -8,7 +8,8 @@ precision per weight, pass 1 at a noisy point, ``posterior_sample()`` for model 
 gradient in between; its ``first_step()`` returns whether the loop must run that pass.
 ``AdversarialSAM`` is ``optax.contrib.sam``'s formulation: any outer and any adversarial (inner)
 optimizer, ``sync_period`` gradients per outer step, transparent (``step()``) or opaque
-(``step(closure)``). ``disable_running_stats`` keeps BatchNorm statistics from the second pass. Imports only torch.
+(``step(closure)``). ``disable_running_stats`` keeps BatchNorm statistics from the second pass.
+Imports only torch.
 """
 
 from sam_edu.torch.adversarial import AdversarialSAM
