@@ -36,7 +36,7 @@ at all: the outer optimizer alone.
 
 **What this version fixes**, against ``optax.contrib.sam`` (the tests pin each one):
 
-(a) :func:`normalize` divides by ``||g|| + eps``, so a zero gradient gives a zero step, not
+(a) :func:`normalize` divides by ``max(||g||, eps)``, so a zero gradient gives a zero step, not
     ``0 / 0 = NaN``; and the transparent mode *selects* the adversarial or the outer branch with
     ``jax.lax.cond`` instead of ``cond * a + (1 - cond) * b``, which is NaN whenever the unused
     branch ``b`` is NaN (``0 * NaN = NaN``).
@@ -65,12 +65,14 @@ Params = Any  # a pytree of arrays
 
 
 def normalize(eps: float = 1e-12) -> optax.GradientTransformation:
-    """``g -> g / (||g|| + eps)`` with the global L2 norm; a zero gradient gives a zero update.
+    """``g -> g / max(||g||, eps)`` with the global L2 norm; a zero gradient gives a zero update.
 
-    ``optax.contrib.normalize()`` is the same with ``eps = 0``: a zero gradient becomes NaN.
+    Wherever ``||g|| >= eps`` this is ``optax.contrib.normalize()`` exactly, which divides by
+    ``||g||`` alone and turns a zero gradient into NaN. The same rule as ``normalize`` in
+    ``sam_edu.torch`` and ``sam_edu.tf``'s ``AdversarialSAM``.
     """
-    if not (isinstance(eps, numbers.Real) and eps >= 0):
-        raise ValueError(f"eps must be a number >= 0, got {eps!r}")
+    if not (isinstance(eps, numbers.Real) and eps > 0):
+        raise ValueError(f"eps must be a number > 0 (the smallest norm divided by), got {eps!r}")
 
     def init_fn(params: Params) -> optax.EmptyState:
         del params
@@ -78,7 +80,7 @@ def normalize(eps: float = 1e-12) -> optax.GradientTransformation:
 
     def update_fn(updates: Params, state: optax.EmptyState, params: Params | None = None):
         del params
-        scale = 1.0 / (global_norm(updates) + eps)
+        scale = 1.0 / jnp.maximum(global_norm(updates), eps)
         return jax.tree.map(lambda g: scale * g, updates), state
 
     return optax.GradientTransformation(init_fn, update_fn)
