@@ -110,9 +110,10 @@ def run_tf(optimizer, variables, calls, opaque, compiled=False):
 
 
 def run_optax(name, calls, opaque, reset_state=True, sync_period=None, normalize=True,
-              peer="optax"):
+              peer="optax", **kwargs):
     """optax.contrib.sam (or ``peer="sam_edu.jax"``: our JAX ``adversarial_sam`` with its
-    ``normalize(eps)``) on the same problem: the parameters after every ``update``."""
+    ``normalize(eps)`` and ``kwargs`` such as ``max_radius``) on the same problem: the parameters
+    after every ``update``."""
     jax = pytest.importorskip("jax")
     optax = pytest.importorskip("optax")
     jax.config.update("jax_enable_x64", True)
@@ -126,7 +127,7 @@ def run_optax(name, calls, opaque, reset_state=True, sync_period=None, normalize
         sam_fn, normalize_fn = samjax.adversarial_sam, samjax.normalize
     adv = optax.chain(normalize_fn(), adv(optax)) if normalize else adv(optax)
     sam = sam_fn(outer(optax), adv, sync_period=sync_period or k, reset_state=reset_state,
-                 opaque_mode=opaque)
+                 opaque_mode=opaque, **kwargs)
 
     def loss(params):
         x, y = params
@@ -290,6 +291,58 @@ def test_a_non_finite_gradient_in_opaque_mode_restores_w():
     np.testing.assert_array_equal(numpy(variables), START)
 
 
+def adversarial_distances(max_radius, opaque, cycles=20):
+    """``||a - w||`` for every adversarial point of drop-in SAM's optimizers with
+    ``sync_period=5`` (four normalised steps of length 0.1), seen by the loop or by grad_fn."""
+    optimizer, variables = make("drop-in-sam", sync_period=5, max_radius=max_radius)
+    grad_fn, seen = grad_fn_for(variables), []  # w, then the four adversarial points
+
+    def seeing():
+        seen.append(numpy(variables))
+        return grad_fn()
+
+    for _ in range(cycles):
+        if opaque:
+            optimizer.step(seeing, variables)
+            continue
+        for _ in range(5):
+            _, grads = seeing()
+            optimizer.apply_gradients(zip(grads, variables))
+    seen = np.array(seen).reshape(cycles, 5, 2)
+    return np.linalg.norm(seen[:, 1:] - seen[:, :1], axis=-1)
+
+
+@pytest.mark.parametrize("opaque", [False, True], ids=["transparent", "opaque"])
+def test_max_radius_keeps_the_adversarial_points_in_the_ball(opaque):
+    assert adversarial_distances(None, opaque).max() > 2 * 0.1  # optax's: four steps leave it
+    assert adversarial_distances(0.1, opaque).max() <= 0.1 * (1 + 1e-12)
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "tf.function"])
+@pytest.mark.parametrize("opaque", [False, True], ids=["transparent", "opaque"])
+@pytest.mark.parametrize("name,sync_period,max_radius", [
+    ("drop-in-sam", 5, 0.1), ("sam-adam", 5, 0.03), ("momentum-inside-k3", 3, 0.05)])
+def test_max_radius_matches_the_jax_version(name, sync_period, max_radius, opaque, compiled):
+    calls = 40
+    optimizer, variables = make(name, sync_period=sync_period, max_radius=max_radius)
+    got = run_tf(optimizer, variables, calls, opaque, compiled)
+    want = run_optax(name, calls, opaque, sync_period=sync_period, peer="sam_edu.jax",
+                     max_radius=max_radius)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-10)
+    unprojected = run_optax(name, calls, opaque, sync_period=sync_period, peer="sam_edu.jax")
+    assert np.max(np.abs(unprojected - want)) > 1e-6  # the projection did act
+
+
+@pytest.mark.parametrize("opaque", [False, True], ids=["transparent", "opaque"])
+def test_max_radius_rho_leaves_drop_in_sam_unchanged(opaque):
+    """One normalised step has length rho: the projection changes nothing (up to rounding)."""
+    optimizer, variables = make("drop-in-sam", max_radius=0.1)
+    got = run_tf(optimizer, variables, 40, opaque)
+    plain, plain_variables = make("drop-in-sam")
+    np.testing.assert_allclose(got, run_tf(plain, plain_variables, 40, opaque), rtol=0,
+                               atol=1e-15)
+
+
 def test_normalize_false_feeds_the_raw_gradient():
     optimizer, variables = make("drop-in-sam", normalize=False)
     got = run_tf(optimizer, variables, 12, opaque=False)
@@ -391,8 +444,10 @@ def test_saved_model_resumes_exactly(tmp_path, split):
 
 
 def test_get_config_round_trip():
-    optimizer, _ = make("sam-adam", reset_state=False, normalize=False, eps=1e-9)
+    optimizer, _ = make("sam-adam", reset_state=False, normalize=False, eps=1e-9,
+                        max_radius=0.05)
     config = optimizer.get_config()
+    assert config["max_radius"] == 0.05
     again = AdversarialSAM.from_config(config)
     assert again.get_config() == config
     assert isinstance(again.adv_optimizer, keras.optimizers.Adam)
@@ -405,12 +460,16 @@ def test_get_config_round_trip():
     (dict(sync_period=2.0), "sync_period"),
     (dict(sync_period=True), "sync_period"),
     (dict(eps=0.0), "eps"),
+    (dict(max_radius=-0.1), "max_radius"),
+    (dict(max_radius=float("nan")), "max_radius"),
+    (dict(max_radius="0.1"), "max_radius"),
     (dict(optimizer="sgd"), "optimizer"),
     (dict(optimizer=keras.optimizers.SGD), "optimizer"),
     (dict(optimizer=keras.optimizers.SGD(loss_scale_factor=128.0)), "optimizer"),
     (dict(adv_optimizer=None), "adv_optimizer"),
     (dict(learning_rate=0.1), "learning_rate"),
-], ids=["sync_period-0", "sync_period-float", "sync_period-bool", "eps", "optimizer-string",
+], ids=["sync_period-0", "sync_period-float", "sync_period-bool", "eps", "max_radius-negative",
+         "max_radius-nan", "max_radius-string", "optimizer-string",
         "optimizer-class", "optimizer-loss-scaling", "adv-none", "keras-argument"])
 def test_invalid_arguments_are_named(kwargs, name):
     arguments = dict(optimizer=K_SGD(0.01), adv_optimizer=K_SGD(0.1)) | kwargs

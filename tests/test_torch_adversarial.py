@@ -72,9 +72,10 @@ def run_torch(optimizer, params, calls, opaque):
 
 
 def run_optax(name, calls, opaque, reset_state=True, sync_period=None, normalize=True,
-              peer="optax"):
+              peer="optax", **kwargs):
     """optax.contrib.sam (or ``peer="sam_edu.jax"``: our JAX ``adversarial_sam`` with its
-    ``normalize(eps)``) on the same problem: the parameters after every ``update``."""
+    ``normalize(eps)`` and ``kwargs`` such as ``max_radius``) on the same problem: the parameters
+    after every ``update``."""
     jax = pytest.importorskip("jax")
     optax = pytest.importorskip("optax")
     jax.config.update("jax_enable_x64", True)
@@ -88,7 +89,7 @@ def run_optax(name, calls, opaque, reset_state=True, sync_period=None, normalize
         sam_fn, normalize_fn = samjax.adversarial_sam, samjax.normalize
     adv = optax.chain(normalize_fn(), adv(optax)) if normalize else adv(optax)
     sam = sam_fn(outer(optax), adv, sync_period=sync_period or k, reset_state=reset_state,
-                 opaque_mode=opaque)
+                 opaque_mode=opaque, **kwargs)
 
     def loss(params):
         x, y = params
@@ -111,11 +112,11 @@ def run_optax(name, calls, opaque, reset_state=True, sync_period=None, normalize
     return np.array(trajectory)
 
 
-def make(name, reset_state=True, sync_period=None, params=None):
+def make(name, reset_state=True, sync_period=None, params=None, **kwargs):
     outer, adv, _, _, k = CASES[name]
     params = leaves() if params is None else params
     return AdversarialSAM(params, outer, adv, sync_period=sync_period or k,
-                          reset_state=reset_state), params
+                          reset_state=reset_state, **kwargs), params
 
 
 # --- optax.contrib.sam as the peer ---------------------------------------------------------------
@@ -250,6 +251,57 @@ def test_a_non_finite_gradient_raises_and_restores_w(bad, at_call):
     assert optimizer.steps_since_sync == 0
 
 
+def adversarial_distances(max_radius, opaque, cycles=20):
+    """``||a - w||`` for every adversarial point of drop-in SAM's optimizers with
+    ``sync_period=5`` (four normalised steps of length 0.1), seen by the loop or the closure."""
+    optimizer, params = make("drop-in-sam", sync_period=5, max_radius=max_radius)
+    seen = []  # every point a gradient is taken at: w, then the four adversarial points
+
+    def closure():
+        seen.append(numpy(params))
+        return backward(optimizer, params)
+
+    for _ in range(cycles):
+        if opaque:
+            optimizer.step(closure)
+            continue
+        for _ in range(5):
+            closure()
+            optimizer.step()
+    seen = np.array(seen).reshape(cycles, 5, 2)
+    return np.linalg.norm(seen[:, 1:] - seen[:, :1], axis=-1)
+
+
+@pytest.mark.parametrize("opaque", [False, True], ids=["transparent", "opaque"])
+def test_max_radius_keeps_the_adversarial_points_in_the_ball(opaque):
+    assert adversarial_distances(None, opaque).max() > 2 * 0.1  # optax's: four steps leave it
+    assert adversarial_distances(0.1, opaque).max() <= 0.1 * (1 + 1e-12)
+
+
+@pytest.mark.parametrize("opaque", [False, True], ids=["transparent", "opaque"])
+@pytest.mark.parametrize("name,sync_period,max_radius", [
+    ("drop-in-sam", 5, 0.1), ("sam-adam", 5, 0.03), ("momentum-inside-k3", 3, 0.05)])
+def test_max_radius_matches_the_jax_version(name, sync_period, max_radius, opaque):
+    calls = 40
+    optimizer, params = make(name, sync_period=sync_period, max_radius=max_radius)
+    got = run_torch(optimizer, params, calls, opaque)
+    want = run_optax(name, calls, opaque, sync_period=sync_period, peer="sam_edu.jax",
+                     max_radius=max_radius)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-10)
+    unprojected = run_optax(name, calls, opaque, sync_period=sync_period, peer="sam_edu.jax")
+    assert np.max(np.abs(unprojected - want)) > 1e-6  # the projection did act
+
+
+@pytest.mark.parametrize("opaque", [False, True], ids=["transparent", "opaque"])
+def test_max_radius_rho_leaves_drop_in_sam_unchanged(opaque):
+    """One normalised step has length rho: the projection changes nothing (up to rounding)."""
+    optimizer, params = make("drop-in-sam", max_radius=0.1)
+    got = run_torch(optimizer, params, 40, opaque)
+    plain, plain_params = make("drop-in-sam")
+    np.testing.assert_allclose(got, run_torch(plain, plain_params, 40, opaque), rtol=0,
+                               atol=1e-15)
+
+
 def test_normalize_false_feeds_the_raw_gradient():
     optimizer = AdversarialSAM(params := leaves(), P(SGD, lr=0.01), P(SGD, lr=0.1),
                                normalize=False)
@@ -326,12 +378,16 @@ def test_step_without_gradients_raises():
     (dict(sync_period=2.0), "sync_period"),
     (dict(sync_period=True), "sync_period"),
     (dict(eps=0.0), "eps"),
+    (dict(max_radius=-0.1), "max_radius"),
+    (dict(max_radius=float("nan")), "max_radius"),
+    (dict(max_radius="0.1"), "max_radius"),
     (dict(optimizer=SGD(leaves(), lr=0.1)), "optimizer"),
     (dict(optimizer="sgd"), "optimizer"),
     (dict(optimizer=lambda params: None), "optimizer"),
     (dict(adv_optimizer=SGD(leaves(), lr=0.1)), "adv_optimizer"),
     (dict(adv_optimizer=42), "adv_optimizer"),
-], ids=["sync_period-0", "sync_period-float", "sync_period-bool", "eps", "optimizer-instance",
+], ids=["sync_period-0", "sync_period-float", "sync_period-bool", "eps", "max_radius-negative",
+         "max_radius-nan", "max_radius-string", "optimizer-instance",
         "optimizer-string", "optimizer-builds-none", "adv-instance", "adv-number"])
 def test_invalid_arguments_are_named(kwargs, name):
     arguments = dict(optimizer=P(SGD, lr=0.01), adv_optimizer=P(SGD, lr=0.1)) | kwargs

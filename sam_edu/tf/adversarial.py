@@ -26,13 +26,18 @@ Two ways to drive it, as in optax:
   ``w`` and after each adversarial step. Needed when anything besides the weights changes on each
   forward pass (BatchNorm statistics).
 
-Both work eagerly and inside ``tf.function``. Two of optax's sharp edges are fixed: a zero
-gradient moves nothing instead of giving NaN, and transparent mode with ``sync_period=1`` is the
-outer optimizer.
+Both work eagerly and inside ``tf.function``. Three of optax's sharp edges are fixed: a zero
+gradient moves nothing instead of giving NaN; transparent mode with ``sync_period=1`` is the outer
+optimizer; and ``max_radius=rho`` projects every adversarial point onto the ball
+``||a - w|| <= rho``. One normalised step of length ``rho`` stays on the ball by construction, but
+``sync_period - 1 > 1`` steps (or an Adam adversarial optimizer, whose steps are not of length
+``rho``) leave it: the adversarial point is no longer the one SAM's ``max_{||e|| <= rho}`` asks
+for.
 """
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable
 
 import keras
@@ -53,13 +58,17 @@ def _all_finite(grads: list) -> tf.Tensor:
     return tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads if g is not None])
 
 
+def _global_norm(tensors: list) -> tf.Tensor:
+    """``||v|| = sqrt(sum_i sum_j v_ij^2)``: one L2 norm over all tensors together."""
+    return tf.sqrt(tf.add_n([tf.reduce_sum(v * v) for v in tensors]))
+
+
 def normalize(grads: list, eps: float = 1e-12) -> list:
     """``g / max(||g||, eps)`` with one L2 norm over all tensors (``None`` passes through).
 
     optax's ``normalize()`` wherever ``||g|| >= eps``; a zero gradient gives zero, not NaN.
     """
-    present = [g for g in grads if g is not None]
-    norm = tf.sqrt(tf.add_n([tf.reduce_sum(g * g) for g in present]))
+    norm = _global_norm([g for g in grads if g is not None])
     scale = 1.0 / tf.maximum(norm, tf.cast(eps, norm.dtype))
     return [None if g is None else g * tf.cast(scale, g.dtype) for g in grads]
 
@@ -93,6 +102,8 @@ class AdversarialSAM(keras.optimizers.Optimizer):
         normalize: feed the adversarial optimizer ``g / max(||g||, eps)`` (optax's
             ``chain(normalize(), adv_optimizer)``); the norm is global over all variables.
         eps: the smallest norm divided by, so that a zero gradient gives a zero step.
+        max_radius: ``None`` (optax's behaviour) or the radius ``rho >= 0`` of the ball around
+            ``w`` onto which every adversarial point is projected.
 
     ``iterations`` counts calls (gradients); ``optimizer.iterations`` counts outer steps. A
     non-finite gradient raises ``tf.errors.InvalidArgumentError`` after putting the outer
@@ -100,7 +111,7 @@ class AdversarialSAM(keras.optimizers.Optimizer):
     """
 
     def __init__(self, optimizer, adv_optimizer, sync_period=2, reset_state=True, normalize=True,
-                 eps=1e-12, name="adversarial_sam", **kwargs):
+                 eps=1e-12, max_radius=None, name="adversarial_sam", **kwargs):
         _refuse_arguments(type(self).__name__, kwargs, _HINT)
         _check_optimizer(optimizer, "optimizer")
         _check_optimizer(adv_optimizer, "adv_optimizer")
@@ -111,6 +122,9 @@ class AdversarialSAM(keras.optimizers.Optimizer):
             raise ValueError(f"sync_period must be an integer >= 1, got {sync_period!r}")
         if not eps > 0:
             raise ValueError(f"eps must be > 0 (the smallest norm divided by), got {eps}")
+        if max_radius is not None and not (isinstance(max_radius, numbers.Real)
+                                           and max_radius >= 0):
+            raise ValueError(f"max_radius must be None or a number >= 0, got {max_radius!r}")
         super().__init__(learning_rate=0.0, name=name)
         self.optimizer = optimizer
         self.adv_optimizer = adv_optimizer
@@ -118,6 +132,7 @@ class AdversarialSAM(keras.optimizers.Optimizer):
         self.reset_state = reset_state
         self.normalize = normalize
         self.eps = eps
+        self.max_radius = max_radius
 
     def build(self, var_list):
         """The outer variables' copy, the position in the cycle, and both optimizers."""
@@ -196,8 +211,20 @@ class AdversarialSAM(keras.optimizers.Optimizer):
                                   "the outer variables w and not updated")
         return check
 
+    def _project_to_ball(self, variables):
+        """``a <- w + min(1, max_radius / ||a - w||) (a - w)``: the point of the ball
+        ``||a - w|| <= max_radius`` nearest to ``a``, with one L2 norm over all variables."""
+        centre = self._cached(variables)
+        offsets = [tf.convert_to_tensor(a) - w for a, w in zip(variables, centre)]
+        norm = _global_norm(offsets)
+        radius = tf.constant(self.max_radius, norm.dtype)  # tf.cast(0.1, ...) rounds via float32
+        scale = tf.where(norm > radius, radius / norm, tf.ones_like(norm))  # selected: no 0 / 0
+        for a, w, e in zip(variables, centre, offsets):
+            _assign(a, w + e * tf.cast(scale, e.dtype))
+
     def _adversarial_step(self, grads, variables):
-        """``w_{i+1} = w_i - adv_update(g)``: the adversarial optimizer's step, negated."""
+        """``w_{i+1} = w_i - adv_update(g)``: the adversarial optimizer's step, negated (and
+        projected onto the ball ``||w_{i+1} - w|| <= max_radius`` unless that is ``None``)."""
         fed = normalize(grads, self.eps) if self.normalize else grads
         moved = [v for v, g in zip(variables, grads) if g is not None]
         before = [tf.identity(tf.convert_to_tensor(v)) for v in moved]
@@ -205,6 +232,8 @@ class AdversarialSAM(keras.optimizers.Optimizer):
             self.adv_optimizer.apply(fed, variables)
         for v, w in zip(moved, before):
             _assign(v, w - (tf.convert_to_tensor(v) - w))
+        if self.max_radius is not None:
+            self._project_to_ball(variables)
 
     def _outer_step(self, grads, variables):
         """Back to the outer ``w``; the outer optimizer steps there with the last gradient."""
@@ -283,6 +312,7 @@ class AdversarialSAM(keras.optimizers.Optimizer):
             "reset_state": self.reset_state,
             "normalize": self.normalize,
             "eps": self.eps,
+            "max_radius": self.max_radius,
         }
 
     @classmethod

@@ -27,13 +27,18 @@ Two ways to drive it, as in optax:
   after each adversarial step again (``sync_period`` evaluations), and the outer step. Needed when
   anything besides the weights changes on each forward pass (BatchNorm statistics).
 
-Two of optax's sharp edges are fixed: a zero gradient moves nothing instead of giving NaN (optax's
-``normalize()`` has no epsilon), and transparent mode with ``sync_period=1`` is the outer optimizer
-(optax's steps from the parameters of the call before).
+Three of optax's sharp edges are fixed: a zero gradient moves nothing instead of giving NaN
+(optax's ``normalize()`` has no epsilon); transparent mode with ``sync_period=1`` is the outer
+optimizer (optax's steps from the parameters of the call before); and ``max_radius=rho`` projects
+every adversarial point onto the ball ``||a - w|| <= rho``. One normalised step of length ``rho``
+stays on the ball by construction, but ``sync_period - 1 > 1`` steps (or an Adam adversarial
+optimizer, whose steps are not of length ``rho``) leave it: the adversarial point is no longer the
+one SAM's ``max_{||e|| <= rho}`` asks for.
 """
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable
 
 import torch
@@ -63,6 +68,17 @@ def global_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.sqrt(sum(torch.sum(v * v) for v in tensors))
 
 
+def _project_to_ball(points: list[torch.Tensor], centre: list[torch.Tensor],
+                     radius: float) -> None:
+    """``a <- w + min(1, radius / ||a - w||) (a - w)``, in place: the point of the ball
+    ``||a - w|| <= radius`` nearest to ``a``, with one L2 norm over all tensors."""
+    offsets = [a - w for a, w in zip(points, centre)]
+    norm = global_norm(offsets)
+    if norm > radius:  # outside: back along the offset onto the sphere
+        for a, w, e in zip(points, centre, offsets):
+            a.copy_(w + e * (radius / norm))
+
+
 class AdversarialSAM(torch.optim.Optimizer):
     """SAM with any outer and any adversarial (inner) ``torch.optim`` optimizer.
 
@@ -82,6 +98,8 @@ class AdversarialSAM(torch.optim.Optimizer):
             ``chain(normalize(), adv_optimizer)``); the norm is global over all parameters.
         eps: the smallest norm divided by, so that a zero gradient gives a zero step instead of
             NaN; above it the normalisation is optax's exactly.
+        max_radius: ``None`` (optax's behaviour) or the radius ``rho >= 0`` of the ball around
+            ``w`` onto which every adversarial point is projected.
 
     ``param_groups`` and ``state`` are the outer optimizer's (LR schedulers attached here change
     the outer learning rate; in transparent mode step them once per ``sync_period`` calls).
@@ -91,16 +109,20 @@ class AdversarialSAM(torch.optim.Optimizer):
 
     def __init__(self, params, optimizer: OptimizerFactory, adv_optimizer: OptimizerFactory,
                  sync_period: int = 2, reset_state: bool = True, normalize: bool = True,
-                 eps: float = 1e-12) -> None:
+                 eps: float = 1e-12, max_radius: float | None = None) -> None:
         if isinstance(sync_period, bool) or not isinstance(sync_period, int) or sync_period < 1:
             raise ValueError(f"sync_period must be an integer >= 1, got {sync_period!r}")
         if not eps > 0:
             raise ValueError(f"eps must be > 0 (the smallest norm divided by), got {eps}")
+        if max_radius is not None and not (isinstance(max_radius, numbers.Real)
+                                           and max_radius >= 0):
+            raise ValueError(f"max_radius must be None or a number >= 0, got {max_radius!r}")
         super().__init__(params, {})
         self.sync_period = sync_period
         self.reset_state = reset_state
         self.normalize = normalize
         self.eps = eps
+        self.max_radius = max_radius
         adv_groups = [{"params": group["params"]} for group in self.param_groups]
         self.optimizer = _build(optimizer, self.param_groups, "optimizer")
         self.adv_optimizer = _build(adv_optimizer, adv_groups, "adv_optimizer")
@@ -160,7 +182,8 @@ class AdversarialSAM(torch.optim.Optimizer):
         return params
 
     def _adversarial_step(self) -> None:
-        """``w_{i+1} = w_i - adv_update(g)``: the adversarial optimizer's step, negated."""
+        """``w_{i+1} = w_i - adv_update(g)``: the adversarial optimizer's step, negated (and
+        projected onto the ball ``||w_{i+1} - w|| <= max_radius`` unless that is ``None``)."""
         params = self._grads("at an adversarial step")
         grads = [p.grad for p in params]
         if self.normalize:
@@ -172,6 +195,8 @@ class AdversarialSAM(torch.optim.Optimizer):
         for p, w, g in zip(params, before, grads):
             p.copy_(w - (p - w))  # w - adv_update
             p.grad = g  # the caller's gradient, not the normalised one
+        if self.max_radius is not None:
+            _project_to_ball(self._params(), self._cache, self.max_radius)
 
     def _outer_step(self) -> None:
         """Back to the outer ``w``; the outer optimizer steps there with the last gradient."""
