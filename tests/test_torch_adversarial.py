@@ -13,6 +13,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+import adversarial_peer  # noqa: E402
 from sam_edu import reference as ref  # noqa: E402
 from sam_edu.torch import AdversarialSAM  # noqa: E402
 
@@ -71,45 +72,9 @@ def run_torch(optimizer, params, calls, opaque):
     return np.array(trajectory)
 
 
-def run_optax(name, calls, opaque, reset_state=True, sync_period=None, normalize=True,
-              peer="optax", **kwargs):
-    """optax.contrib.sam (or ``peer="sam_edu.jax"``: our JAX ``adversarial_sam`` with its
-    ``normalize(eps)`` and ``kwargs`` such as ``max_radius``) on the same problem: the parameters
-    after every ``update``."""
-    jax = pytest.importorskip("jax")
-    optax = pytest.importorskip("optax")
-    jax.config.update("jax_enable_x64", True)
-    jnp = jax.numpy
-    _, _, outer, adv, k = CASES[name]
-    if peer == "optax":
-        sam_fn, normalize_fn = optax.contrib.sam, optax.contrib.normalize
-    else:
-        from sam_edu import jax as samjax
-
-        sam_fn, normalize_fn = samjax.adversarial_sam, samjax.normalize
-    adv = optax.chain(normalize_fn(), adv(optax)) if normalize else adv(optax)
-    sam = sam_fn(outer(optax), adv, sync_period=sync_period or k, reset_state=reset_state,
-                 opaque_mode=opaque, **kwargs)
-
-    def loss(params):
-        x, y = params
-        return -jnp.exp(-(x - 2) ** 2 - y ** 2) - jnp.exp(-(x ** 2 + 100 * y ** 2))
-
-    grad = jax.grad(loss)
-
-    @jax.jit
-    def step(params, state):
-        extra = dict(grad_fn=lambda p, _: grad(p)) if opaque else {}
-        updates, state = sam.update(grad(params), state, params, **extra)
-        return optax.apply_updates(params, updates), state
-
-    params = tuple(jnp.asarray(v, dtype=jnp.float64) for v in START)
-    state = sam.init(params)
-    trajectory = []
-    for _ in range(calls):
-        params, state = step(params, state)
-        trajectory.append(np.array([float(v) for v in params]))
-    return np.array(trajectory)
+def run_optax(name, calls, opaque, **kwargs):
+    """The JAX trajectory of case ``name`` (:func:`adversarial_peer.run_optax`)."""
+    return adversarial_peer.run_optax(CASES[name][2:], START, calls, opaque, **kwargs)
 
 
 def make(name, reset_state=True, sync_period=None, params=None, **kwargs):
