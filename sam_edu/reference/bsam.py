@@ -39,8 +39,8 @@ Params = list[np.ndarray]
 
 def check_bsam_arguments(num_data: int, lr: float, beta1: float, beta2: float,
                          weight_decay: float, rho: float, damping: float,
-                         s_init: float = 1.0) -> None:
-    """``ValueError`` naming the first argument out of its range."""
+                         s_init: float = 1.0, where: str = "") -> None:
+    """``ValueError`` naming the first argument out of its range (``where``: e.g. its group)."""
     if not (isinstance(num_data, (int, np.integer)) and not isinstance(num_data, bool)
             and num_data >= 1):
         raise ValueError(f"num_data must be an integer >= 1 (the training set size), "
@@ -48,10 +48,10 @@ def check_bsam_arguments(num_data: int, lr: float, beta1: float, beta2: float,
     for name, value in (("lr", lr), ("weight_decay", weight_decay), ("rho", rho),
                         ("damping", damping)):
         if not value >= 0:
-            raise ValueError(f"{name} must be >= 0, got {value}")
+            raise ValueError(f"{name} must be >= 0{where}, got {value}")
     for name, value in (("beta1", beta1), ("beta2", beta2)):
         if not 0.0 <= value < 1.0:
-            raise ValueError(f"{name} must be in [0, 1), got {value}")
+            raise ValueError(f"{name} must be in [0, 1){where}, got {value}")
     if not s_init > 0:
         raise ValueError(f"s_init must be > 0 (a precision), got {s_init}")
 

@@ -38,20 +38,10 @@ computed on cheap steps; :func:`~sam_edu.tf.sam_train_step` does the same under 
 from __future__ import annotations
 
 import keras
-import numpy as np
 import tensorflow as tf
 
+from sam_edu.reference.looksam import check_looksam_arguments
 from sam_edu.tf.sam import SAM, Params, _check_finite, _refuse_arguments, global_norm
-
-
-def check_looksam_arguments(rho: float, k: int, alpha: float) -> None:
-    """``ValueError`` naming the first argument out of its range."""
-    if not rho >= 0:
-        raise ValueError(f"rho must be >= 0, got {rho}")
-    if not (isinstance(k, (int, np.integer)) and not isinstance(k, bool) and k >= 1):
-        raise ValueError(f"k must be an integer >= 1 (a full SAM step every k steps), got {k!r}")
-    if not alpha >= 0:
-        raise ValueError(f"alpha must be >= 0, got {alpha}")
 
 
 def is_sam_step(t, k: int) -> tf.Tensor:
