@@ -60,7 +60,17 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from sam_edu.tf.sam import Params, _assign, _check_finite, _check_flag, _refuse_arguments
+from sam_edu.tf.sam import (
+    Params,
+    _assign,
+    _check_finite,
+    _check_flag,
+    _global_gradients,
+    _keras_config,
+    _keras_options,
+    _refuse_under_distribution,
+    _update_ema,
+)
 
 LearningRateSchedule = keras.optimizers.schedules.LearningRateSchedule
 
@@ -152,10 +162,13 @@ class BSAM(keras.optimizers.Optimizer):
 
     def __init__(self, num_data, lr=0.5, beta1=0.9, beta2=0.999, weight_decay=1e-4, rho=0.05,
                  adaptive=False, damping=0.1, s_init=1.0, seed=None, name="bsam", **kwargs):
-        _refuse_arguments(type(self).__name__, kwargs, hint=(
+        options = _keras_options(type(self).__name__, kwargs, hint=(
             " bSAM is a full optimizer: it takes its learning rate as `lr` and its weight decay "
-            "(delta, part of updates 5 and 7) as `weight_decay`. Clipping, EMA, loss scaling "
-            "and gradient accumulation are not supported yet."))
+            "(delta, part of updates 5 and 7) as `weight_decay`."))
+        if options.get("gradient_accumulation_steps"):
+            raise ValueError("gradient_accumulation_steps: bSAM's step uses both passes (s from "
+                             "pass 1, m from pass 2) and a fresh posterior draw per batch; "
+                             "accumulating them is not defined. Use a larger batch.")
         if adaptive:
             raise ValueError("adaptive=True: bSAM's ascent rho * g / s is already scaled per "
                              "weight by its precision s, and the paper defines no adaptive "
@@ -165,7 +178,7 @@ class BSAM(keras.optimizers.Optimizer):
             raise ValueError(f"seed must be an int or None, got {seed!r}")
         # Keras holds lr in a variable of dtype floatx(), or evaluates the schedule
         super().__init__(learning_rate=lr if isinstance(lr, LearningRateSchedule) else float(lr),
-                         name=name)
+                         name=name, **options)
         self.num_data = int(num_data)
         self.beta1 = beta1
         self.beta2 = beta2
@@ -250,8 +263,8 @@ class BSAM(keras.optimizers.Optimizer):
         restored = self._restore_w(variables, _NOISY, "first_step() called without "
                                    "noisy_step(): bSAM's pass 1 runs at the noisy point")
         with tf.control_dependencies(restored):
-            g = _check_finite(gradients, "non-finite gradient at the noisy point; w was restored "
-                                         "and not updated")
+            g = _check_finite(_global_gradients(self, gradients), "non-finite gradient at the "
+                              "noisy point; w was restored and not updated")
         with tf.control_dependencies([t for t in g if t is not None]):  # after every check
             g = [tf.zeros_like(v) if t is None else t for t, v in zip(g, variables)]
             for v, t in zip(variables, g):  # kept for update 7
@@ -279,10 +292,11 @@ class BSAM(keras.optimizers.Optimizer):
         restored = self._restore_w(variables, _PERTURBED, "second_step() called without "
                                    "first_step(): no w to restore")
         with tf.control_dependencies(restored):
-            g_adv = _check_finite(gradients, "non-finite gradient at w + e; w was restored and "
-                                             "not updated")
+            g_adv = _check_finite(_global_gradients(self, gradients), "non-finite gradient at "
+                                  "w + e; w was restored and not updated")
         with tf.control_dependencies([t for t in g_adv if t is not None]):  # after every check
             g_adv = [tf.zeros_like(v) if t is None else t for t, v in zip(g_adv, variables)]
+            g_adv = self._clip_gradients(g_adv)  # clipnorm / clipvalue / global_clipnorm
             # (5) bSAM's own step: momentum, mean (with the old s), then precision
             params = self._slots(self._backups, variables)
             s = self._slots(self.precisions, variables)
@@ -298,6 +312,7 @@ class BSAM(keras.optimizers.Optimizer):
                 v.assign(w_v)
                 self.precisions[index].assign(s_v)
             self.iterations.assign_add(1)
+            _update_ema(self, variables)
 
     @contextlib.contextmanager
     def posterior_sample(self, variables, seed=None) -> Iterator[None]:
@@ -326,16 +341,39 @@ class BSAM(keras.optimizers.Optimizer):
                 v.assign(w)
 
     def apply(self, grads, trainable_variables=None):
-        raise NotImplementedError(
-            "bSAM needs two gradients per step, at a posterior draw w + n / sqrt(N s) and at the "
-            "perturbed point w + rho g / s on the same batch, which apply()/apply_gradients() "
-            "(and a plain model.fit) cannot give it. Override the model's train_step with "
-            "`return sam_edu.tf.sam_train_step(self, data)`, or call noisy_step(variables), "
-            "first_step(gradients, variables) and second_step(gradients, variables) in your own "
-            "training loop.")
+        """Transparent mode (a bare ``model.compile(optimizer=BSAM(...))``): each call takes the
+        next phase of a step. At ``w`` (the first call of a run): draw the noisy point, the
+        gradient is not used. At the noisy point: :meth:`first_step`. At ``w + rho g / s``:
+        :meth:`second_step`, then the next step's draw, so the caller's next gradient is at it."""
+        if trainable_variables is None:
+            if not self.built:
+                raise ValueError("apply() without variables needs a built optimizer: call "
+                                 "optimizer.build(variables) first")
+            trainable_variables = self._trainable_variables
+        variables, grads = list(trainable_variables), list(grads)
+        _refuse_under_distribution("Transparent mode (a bare compile(optimizer=BSAM(...)))")
+        if not self.built:
+            self.build(variables)
+
+        def step_and_draw():
+            self.second_step(grads, variables)
+            self.noisy_step(variables)
+
+        tf.switch_case(tf.convert_to_tensor(self._phase), [lambda: self.noisy_step(variables),        # _IDLE
+                                     lambda: self.first_step(grads, variables),  # _NOISY
+                                     step_and_draw])                             # _PERTURBED
+
+    def finalize_variable_values(self, var_list):
+        """End of ``fit``: put the mean ``w`` back where a transparent-mode step left a draw or a
+        perturbed point (the unfinished step is dropped), then write the moving average."""
+        if self.built and int(self._phase.numpy()) != _IDLE:
+            for v in var_list:
+                v.assign(self._backups[self._get_variable_index(v)])
+            self._phase.assign(_IDLE)
+        super().finalize_variable_values(var_list)
 
     def get_config(self):
-        # Not super().get_config(): bSAM takes none of the other Keras optimizer arguments.
+        # Not super().get_config(): bSAM's learning rate is `lr`, its weight decay its own
         lr = self._learning_rate
         return {
             "name": self.name,
@@ -350,6 +388,7 @@ class BSAM(keras.optimizers.Optimizer):
             "damping": self.damping,
             "s_init": self.s_init,
             "seed": self.seed,
+            **_keras_config(self),
         }
 
     @classmethod

@@ -27,7 +27,7 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from sam_edu.tf.sam import SAM, Params, _model_reference, _refuse_arguments, global_norm
+from sam_edu.tf.sam import SAM, Params, _keras_config, _keras_options, _model_reference, global_norm
 
 
 def gsam_perturbation(grads: Params, params: Params, rho, adaptive: bool = False,
@@ -73,7 +73,7 @@ class GSAM(SAM):
 
     def __init__(self, model, base_optimizer, rho_scheduler, alpha=0.4, adaptive=False,
                  perturb_eps=1e-12, name="gsam", **kwargs):
-        _refuse_arguments(type(self).__name__, kwargs)  # SAM's use_gc and eta included
+        options = _keras_options(type(self).__name__, kwargs)  # SAM's use_gc and eta refused
         schedule = isinstance(rho_scheduler, keras.optimizers.schedules.LearningRateSchedule)
         if not schedule and not (isinstance(rho_scheduler, (int, float))
                                  and rho_scheduler >= 0):
@@ -82,7 +82,7 @@ class GSAM(SAM):
         if not alpha >= 0:
             raise ValueError(f"alpha must be >= 0, got {alpha}")
         super().__init__(base_optimizer, rho=0.0, adaptive=adaptive, perturb_eps=perturb_eps,
-                         name=name)
+                         name=name, **options)
         self._model_ref = _model_reference(model)
         # `rho` is SAM's name for it: sam_train_step compares its own `rho` argument against it
         self.rho = self.rho_scheduler = rho_scheduler
@@ -104,7 +104,7 @@ class GSAM(SAM):
         """(5) the base optimizer steps at ``w`` with ``d = g_adv - alpha g_perp``."""
         g_adv = [tf.zeros_like(v) if t is None else t for t, v in zip(g_adv, variables)]
         d = gsam_direction(self._centre_gradient(variables), g_adv, self.alpha, self.perturb_eps)
-        self.base_optimizer.apply_gradients(zip(d, variables))
+        self._base_step(d, variables)
 
     def get_config(self):
         # Not SAM's: GSAM takes a schedule and alpha, and neither use_gc nor eta. The model is not
@@ -119,6 +119,7 @@ class GSAM(SAM):
             "alpha": self.alpha,
             "adaptive": self.adaptive,
             "perturb_eps": self.perturb_eps,
+            **_keras_config(self),
         }
 
     @classmethod

@@ -41,7 +41,16 @@ import keras
 import tensorflow as tf
 
 from sam_edu.reference.looksam import check_looksam_arguments
-from sam_edu.tf.sam import SAM, Params, _check_finite, _refuse_arguments, global_norm
+from sam_edu.tf.sam import (
+    SAM,
+    Params,
+    _check_finite,
+    _global_gradients,
+    _keras_config,
+    _keras_options,
+    _refuse_under_distribution,
+    global_norm,
+)
 
 
 def is_sam_step(t, k: int) -> tf.Tensor:
@@ -85,10 +94,14 @@ class LookSAM(SAM):
             raise ValueError("LookSAM does not take `step`: it always counts steps with "
                              "base_optimizer.iterations. The seed README's step=False (a SAM "
                              "step at every step) is k=1.")
-        _refuse_arguments(type(self).__name__, kwargs)  # SAM's eta included
+        options = _keras_options(type(self).__name__, kwargs)  # SAM's eta refused
         check_looksam_arguments(rho, k, alpha)
+        if k > 1 and options.get("gradient_accumulation_steps"):
+            raise ValueError("gradient_accumulation_steps with k > 1: LookSAM keeps g_v from one "
+                             "SAM step's gradients, which would be one micro-batch's; accumulate "
+                             "with k=1 (SAM) or use a larger batch")
         super().__init__(base_optimizer, rho=rho, adaptive=adaptive, use_gc=use_gc,
-                         perturb_eps=perturb_eps, name=name)
+                         perturb_eps=perturb_eps, name=name, **options)
         self.k = int(k)
         self.alpha = alpha
 
@@ -109,6 +122,9 @@ class LookSAM(SAM):
         variables = list(variables)
         if not self.built:
             self.build(variables)
+        if self.k == 1:  # every step is a SAM step
+            return self._sam_first_step(gradients, variables)
+        _refuse_under_distribution(f"{type(self).__name__} with k > 1")
         return tf.cond(is_sam_step(tf.convert_to_tensor(self.iterations), self.k),
                        lambda: self._sam_first_step(gradients, variables),
                        lambda: self._cheap_step(gradients, variables))
@@ -119,29 +135,35 @@ class LookSAM(SAM):
         return tf.constant(True)
 
     def _cheap_step(self, gradients, variables):
-        """Steps (1) and (5) of a cheap step: the base optimizer steps at ``w`` with
-        ``d = g + alpha ||g|| / (||g_v|| + eps) g_v``, ``g_v`` from the last SAM step."""
+        """Steps (1) and (5) of a cheap step: ``g_adv`` is not computed but approximated by
+        ``g + alpha ||g|| / (||g_v|| + eps) g_v``, ``g_v`` from the last SAM step."""
         self._check_variables_are_known(variables)
         # (1) gradient at the centre (computed by the caller); an unconnected variable has g = 0
-        g = _check_finite(gradients, "non-finite gradient at w; the weights were not changed")
+        g = _check_finite(_global_gradients(self, gradients),
+                          "non-finite gradient at w; the weights were not changed")
         g = [tf.zeros_like(v) if t is None else t for t, v in zip(g, variables)]
         g_v = [tf.convert_to_tensor(self._orthogonal_gradients[self._get_variable_index(v)])
                for v in variables]
         # (5) base step at w with the stored orthogonal component, rescaled; after every check,
         #     so that a failed one stops all of it, the base optimizer's step count included
-        d = looksam_direction(g, g_v, self.alpha, self.perturb_eps)
-        with tf.control_dependencies(d):
-            self.base_optimizer.apply_gradients(zip(d, variables))
+        g_adv = looksam_direction(g, g_v, self.alpha, self.perturb_eps)
+        with tf.control_dependencies(g_adv):
+            self._direction_step(g, g_adv, variables)
         return tf.constant(False)
 
     def _step_at_w(self, g_adv, variables):
-        """(5) the base optimizer steps at ``w`` with ``d = g_adv``, and
-        ``g_v = g_adv - (g_adv . g_hat) g_hat`` is kept for the next ``k - 1`` steps."""
+        """(5) on a SAM step: keep ``g_v = g_adv - (g_adv . g_hat) g_hat`` for the next ``k - 1``
+        steps, then step with ``g_adv``."""
         g_adv = [tf.zeros_like(v) if t is None else t for t, v in zip(g_adv, variables)]
-        g_v = orthogonal_component(g_adv, self._centre_gradient(variables), self.perturb_eps)
+        g = self._centre_gradient(variables)
+        g_v = orthogonal_component(g_adv, g, self.perturb_eps)
         for v, t in zip(variables, g_v):
             self._orthogonal_gradients[self._get_variable_index(v)].assign(t)
-        self.base_optimizer.apply_gradients(zip(g_adv, variables))
+        self._direction_step(g, g_adv, variables)
+
+    def _direction_step(self, g, g_adv, variables):
+        """(5) the base optimizer steps at ``w`` with ``d = g_adv`` (computed or approximated)."""
+        self._base_step(g_adv, variables)
 
     def get_config(self):
         # Not SAM's: LookSAM takes k and alpha, and not eta.
@@ -154,4 +176,5 @@ class LookSAM(SAM):
             "adaptive": self.adaptive,
             "use_gc": self.use_gc,
             "perturb_eps": self.perturb_eps,
+            **_keras_config(self),
         }

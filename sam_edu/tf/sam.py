@@ -157,16 +157,51 @@ def _assign(variable, value):
     return variable.assign(value)
 
 
-# Keras optimizer arguments SAM does not take (yet). Accepting them would mean ignoring them.
-_KERAS_ARGUMENTS = ("learning_rate", "weight_decay", "clipnorm", "clipvalue", "global_clipnorm",
-                    "use_ema", "ema_momentum", "ema_overwrite_frequency", "loss_scale_factor",
-                    "gradient_accumulation_steps")
+def ema_update(average: Params, params: Params, momentum) -> Params:
+    """``a <- momentum * a + (1 - momentum) * w``: one step of an exponential moving average."""
+    return [momentum * a + (1.0 - momentum) * w for a, w in zip(average, params)]
 
 
-_BASE_OPTIMIZER_HINT = (" Set the learning rate, weight decay, clipping (global_clipnorm keeps "
-                        "the direction) and EMA on base_optimizer: it applies them to the step "
-                        "at w with g_adv. Loss scaling and gradient accumulation are not "
-                        "supported yet.")
+def _replicas() -> int:
+    """How many replicas compute this step together (1 outside ``tf.distribute``)."""
+    context = tf.distribute.get_replica_context()
+    return 1 if context is None else context.num_replicas_in_sync
+
+
+def _refuse_under_distribution(what: str) -> None:
+    """``ValueError`` when called inside a ``tf.distribute`` replica context with several
+    replicas: TensorFlow cannot put the optimizer's cross-replica sums inside a ``tf.cond``."""
+    if _replicas() > 1:
+        raise ValueError(f"{what} under tf.distribute with {_replicas()} replicas: the step "
+                         "branches on a tf.cond, and TensorFlow does not allow the cross-replica "
+                         "sums of the base step inside one. Use SAM, GSAM, WSAM (k=1) or BSAM "
+                         "with SAMModel / sam_train_step, or first_step/second_step.")
+
+
+def _all_reduce(grads: list) -> list:
+    """Inside a replica context of ``tf.distribute``: the gradients summed over the replicas.
+
+    Keras scales each replica's loss by ``1 / replicas``, so the sum is the gradient of the
+    global batch; every replica then computes the same perturbation and keeps its copy of the
+    weights in step. ``None`` (a variable outside the loss) passes through.
+    """
+    if _replicas() == 1:
+        return list(grads)
+    present = [g for g in grads if g is not None]
+    summed = iter(tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM,
+                                                                  present))
+    return [None if g is None else next(summed) for g in grads]
+
+
+# Keras optimizer arguments the SAM family applies itself (SAM's docstring says how)
+_KERAS_OPTIONS = ("clipnorm", "clipvalue", "global_clipnorm", "use_ema", "ema_momentum",
+                  "ema_overwrite_frequency", "loss_scale_factor", "gradient_accumulation_steps")
+# Keras optimizer arguments that belong to the base optimizer
+_KERAS_ARGUMENTS = ("learning_rate", "weight_decay")
+
+
+_BASE_OPTIMIZER_HINT = (" Set the learning rate and weight decay on base_optimizer: it applies "
+                        "them to the step at w.")
 
 
 def _refuse_arguments(owner: str, kwargs: dict, hint: str = _BASE_OPTIMIZER_HINT) -> None:
@@ -179,6 +214,72 @@ def _refuse_arguments(owner: str, kwargs: dict, hint: str = _BASE_OPTIMIZER_HINT
                          f"{hint if known else ''}")
 
 
+def _keras_options(owner: str, kwargs: dict, hint: str = _BASE_OPTIMIZER_HINT) -> dict:
+    """Split the Keras optimizer options (clipping, EMA, loss scale, accumulation) off
+    ``kwargs``, check what Keras would let pass silently, and refuse everything else."""
+    options = {k: kwargs.pop(k) for k in _KERAS_OPTIONS if k in kwargs}
+    _refuse_arguments(owner, kwargs, hint)
+    for arg in ("clipnorm", "clipvalue", "global_clipnorm", "loss_scale_factor"):
+        value = options.get(arg)
+        if value is not None and not (isinstance(value, (int, float)) and value > 0):
+            # Keras would skip a clip <= 0 without a word
+            raise ValueError(f"{arg} must be a number > 0 or None, got {value!r}")
+    steps = options.get("gradient_accumulation_steps")
+    if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 2):
+        raise ValueError(f"gradient_accumulation_steps must be an int >= 2 or None, got {steps!r}")
+    if not options.get("use_ema", False):
+        ema = [k for k in ("ema_momentum", "ema_overwrite_frequency")
+               if options.get(k) is not None]
+        if ema:  # Keras would keep them and never use them
+            raise ValueError(f"{', '.join(ema)} given without use_ema=True: there is no moving "
+                             "average to configure")
+    return options
+
+
+def _keras_config(optimizer) -> dict:
+    """The Keras options of ``optimizer`` for ``get_config`` (only those that were set)."""
+    config = {k: getattr(optimizer, k) for k in _KERAS_OPTIONS if k not in ("use_ema",
+                                                                             "ema_momentum")}
+    if optimizer.use_ema:
+        config.update(use_ema=True, ema_momentum=optimizer.ema_momentum)
+    return {k: v for k, v in config.items() if v is not None}
+
+
+def _unscale(optimizer, grads: list) -> list:
+    """Undo ``optimizer.scale_loss``: divide every gradient by ``loss_scale_factor``."""
+    scale = optimizer.loss_scale_factor
+    return list(grads) if scale is None else [None if g is None else g / scale for g in grads]
+
+
+def _global_gradients(optimizer, gradients) -> list:
+    """The gradients as dense tensors, summed over ``tf.distribute`` replicas, divided by the
+    optimizer's ``loss_scale_factor``."""
+    dense = [None if g is None else tf.convert_to_tensor(g) for g in gradients]
+    return _unscale(optimizer, _all_reduce(dense))
+
+
+def _update_ema(optimizer, variables) -> None:
+    """After a step: move the moving average toward ``w``; every ``ema_overwrite_frequency``
+    steps write it into the variables. The first step starts the average at ``w``."""
+    if not optimizer.use_ema:
+        return
+    steps = tf.convert_to_tensor(optimizer.iterations)  # counted already, this step included
+    momentum = tf.cast(steps > 1, variables[0].dtype) * optimizer.ema_momentum
+    averages = [optimizer._model_variables_moving_average[optimizer._get_variable_index(v)]
+                for v in variables]
+    new = ema_update([tf.convert_to_tensor(a) for a in averages],
+                     [tf.convert_to_tensor(v) for v in variables], momentum)
+    written = [_assign(a, value) for a, value in zip(averages, new)]
+    frequency = optimizer.ema_overwrite_frequency
+    if frequency:
+        def overwrite():
+            for v, a in zip(variables, new):
+                _assign(v, a)
+
+        with tf.control_dependencies(written):
+            tf.cond(tf.equal(steps % frequency, 0), overwrite, lambda: None)
+
+
 @keras.saving.register_keras_serializable(package="sam_edu")
 class SAM(keras.optimizers.Optimizer):
     """Sharpness-Aware Minimization around any Keras optimizer (ASAM with ``adaptive=True``).
@@ -189,26 +290,53 @@ class SAM(keras.optimizers.Optimizer):
     owns the learning rate, its schedule, weight decay and its state; it steps at ``w`` with
     ``g_adv`` and never sees the perturbation.
 
-    Call :meth:`first_step` with the gradient at ``w`` and :meth:`second_step` with the gradient
-    at ``w + e`` (both work eagerly and inside ``tf.function``), or put :func:`sam_train_step` in
-    the model's ``train_step`` for ``model.fit``.
+    Three ways to drive it:
+
+    * a custom loop: :meth:`first_step` with the gradient at ``w``, :meth:`second_step` with the
+      gradient at ``w + e`` (eagerly or inside ``tf.function``, in ``strategy.run`` too);
+    * ``model.fit`` on a :class:`~sam_edu.tf.SAMModel` or :class:`~sam_edu.tf.SAMSequential`
+      (or any model whose ``train_step`` returns :func:`sam_train_step`): exact SAM, both passes
+      on the same batch;
+    * a bare ``model.compile(optimizer=SAM(...))``: the *transparent mode* of
+      ``optax.contrib.sam``. Keras calls :meth:`apply` once per batch with one gradient, so the
+      calls alternate: odd calls ascend (:meth:`first_step`), even calls restore ``w`` and step
+      (:meth:`second_step`). One SAM step spans two batches, pass 1 on batch ``t`` and pass 2 on
+      batch ``t + 1``; BatchNorm statistics and the logged loss come from both kinds of batch.
+
+    The Keras optimizer options act on the base step (5), so that SAM's radius stays ``rho``:
+
+    * ``clipnorm`` / ``clipvalue`` / ``global_clipnorm`` clip the direction ``d`` the base
+      optimizer steps with (``g_adv`` for SAM), never the ascent gradient;
+    * ``use_ema``, ``ema_momentum``, ``ema_overwrite_frequency``: a moving average of ``w`` after
+      each SAM step (never of ``w + e``), written into the variables every
+      ``ema_overwrite_frequency`` steps and by :meth:`finalize_variable_values` (end of ``fit``);
+    * ``loss_scale_factor``: :meth:`scale_loss` multiplies each pass's loss by it, and each
+      pass's gradient is divided by it before use;
+    * ``gradient_accumulation_steps=n``: every micro-batch gets its own perturbation (the paper's
+      m-sharpness with m the micro-batch), the ``n`` directions are averaged and the base
+      optimizer steps once;
+    * ``name``.
     """
 
     def __init__(self, base_optimizer, rho=0.05, adaptive=False, use_gc=False,
                  perturb_eps=1e-12, eta=0.0, name="sam", **kwargs):
         cls = type(self).__name__
-        _refuse_arguments(cls, kwargs)
+        options = _keras_options(cls, kwargs)
         if not isinstance(base_optimizer, keras.optimizers.Optimizer):
             raise ValueError("base_optimizer must be a keras.optimizers.Optimizer instance, got "
                              f"{type(base_optimizer).__name__}")
-        if (isinstance(base_optimizer, keras.optimizers.LossScaleOptimizer)
-                or base_optimizer.loss_scale_factor is not None):
-            raise ValueError(f"base_optimizer uses loss scaling (mixed precision), which {cls} "
-                             "does not support yet: each pass would need its own unscaling")
+        if isinstance(base_optimizer, keras.optimizers.LossScaleOptimizer):
+            raise ValueError(f"base_optimizer is a LossScaleOptimizer, which {cls} does not "
+                             "support: its dynamic scale would have to cover both passes. Use "
+                             "bfloat16 (no loss scaling needed) or a fixed loss_scale_factor "
+                             f"on {cls}.")
+        if base_optimizer.loss_scale_factor is not None:
+            raise ValueError(f"base_optimizer has a loss_scale_factor; set it on {cls} instead, "
+                             "which unscales both passes' gradients")
         for arg, value in (("rho", rho), ("eta", eta), ("perturb_eps", perturb_eps)):
             if not value >= 0:
                 raise ValueError(f"{arg} must be >= 0, got {value}")
-        super().__init__(learning_rate=0.0, name=name)
+        super().__init__(learning_rate=0.0, name=name, **options)
         self.base_optimizer = base_optimizer
         self.rho = rho
         self.adaptive = adaptive
@@ -235,7 +363,7 @@ class SAM(keras.optimizers.Optimizer):
         self._perturbed = self.add_variable(shape=(), initializer="zeros", dtype="int32",
                                             name="sam_perturbed")
         self.base_optimizer.build(var_list)
-        super().build(var_list)
+        super().build(var_list)  # Keras' EMA and accumulator variables, where asked for
 
     @property
     def variables(self):
@@ -251,6 +379,7 @@ class SAM(keras.optimizers.Optimizer):
 
     @property
     def iterations(self):
+        """The number of SAM steps taken: the base optimizer's step count."""
         return self.base_optimizer.iterations
 
     def first_step(self, gradients, variables):
@@ -266,7 +395,8 @@ class SAM(keras.optimizers.Optimizer):
         paired = _check_flag(self._perturbed, 0, "first_step() called twice: call "
                                                  "second_step() to restore w first")
         with tf.control_dependencies([paired]):  # nothing below runs if the check fails
-            g = _check_finite(gradients, "non-finite gradient at w; the weights were not changed")
+            g = _check_finite(_global_gradients(self, gradients),
+                              "non-finite gradient at w; the weights were not changed")
             g = [tf.zeros_like(v) if t is None else t for t, v in zip(g, variables)]
             params = [tf.convert_to_tensor(v) for v in variables]
             for v, w, t in zip(variables, params, g):
@@ -300,8 +430,8 @@ class SAM(keras.optimizers.Optimizer):
             # w is back: the next first_step may run, even if the check below fails
             restored.append(_assign(self._perturbed, 0))
         with tf.control_dependencies(restored):
-            g_adv = _check_finite(gradients, "non-finite gradient at w + e; the weights were "
-                                             "restored to w and not updated")
+            g_adv = _check_finite(_global_gradients(self, gradients), "non-finite gradient at "
+                                  "w + e; the weights were restored to w and not updated")
         # (5) base step at w, after every check: in a tf.function a failed one must stop all of
         #     it, the base optimizer's step count included
         with tf.control_dependencies([t for t in g_adv if t is not None]):
@@ -313,7 +443,42 @@ class SAM(keras.optimizers.Optimizer):
 
     def _step_at_w(self, g_adv, variables):
         """Step (5): the base optimizer steps at ``w`` with ``d = g_adv``."""
-        self.base_optimizer.apply_gradients(zip(g_adv, variables))
+        self._base_step(g_adv, variables)
+
+    def _base_step(self, d, variables, then=None):
+        """Step (5) as Keras applies a gradient: ``d`` averaged over ``gradient_accumulation_steps``
+        micro-batches, clipped, handed to the base optimizer; ``then()`` (decoupled WSAM's own
+        update of ``w``) and the moving average follow each base step."""
+        def step(direction):
+            direction = self._clip_gradients(direction)
+            # the base optimizer sums what each tf.distribute replica hands it: give it a share
+            replicas = _replicas()
+            self.base_optimizer.apply_gradients(
+                (None if t is None else t / replicas, v) for t, v in zip(direction, variables))
+            if then is not None:
+                then()
+            _update_ema(self, variables)
+
+        steps = self.gradient_accumulation_steps
+        if not steps:
+            step(d)
+            return
+        _refuse_under_distribution("gradient_accumulation_steps")
+        d = [tf.zeros_like(v) if t is None else t for t, v in zip(d, variables)]
+        sums = [self._accumulated_gradients[self._get_variable_index(v)] for v in variables]
+
+        def update():
+            step([(s + t) / steps for s, t in zip(sums, d)])
+            for s in sums:
+                s.assign(tf.zeros_like(s))
+
+        def accumulate():
+            for s, t in zip(sums, d):
+                s.assign_add(t)
+
+        # SAM's own counter (`iterations` is the base optimizer's) counts the micro-batches
+        tf.cond(tf.equal((self._iterations + 1) % steps, 0), update, accumulate)
+        self._iterations.assign_add(1)
 
     def _centre_gradient(self, variables):
         """The gradient ``g`` at ``w`` that :meth:`first_step` kept (GSAM and WSAM)."""
@@ -321,18 +486,42 @@ class SAM(keras.optimizers.Optimizer):
                 for v in variables]
 
     def apply(self, grads, trainable_variables=None):
-        raise NotImplementedError(
-            "SAM needs a second gradient, at the perturbed point w + e on the same batch, which "
-            "apply()/apply_gradients() (and a plain model.fit) cannot give it. Override the "
-            "model's train_step with `return sam_edu.tf.sam_train_step(self, data)`, or call "
-            "first_step(gradients, variables) and second_step(gradients, variables) in your "
-            "own training loop.")
+        """Transparent mode (a bare ``model.compile(optimizer=SAM(...))``): alternate
+        :meth:`first_step` (the gradient is at ``w``) and :meth:`second_step` (the gradient is
+        at ``w + e``, computed by the caller on its next batch)."""
+        if trainable_variables is None:
+            if not self.built:
+                raise ValueError("apply() without variables needs a built optimizer: call "
+                                 "optimizer.build(variables) first")
+            trainable_variables = self._trainable_variables
+        variables, grads = list(trainable_variables), list(grads)
+        _refuse_under_distribution("Transparent mode (a bare compile(optimizer=SAM(...)))")
+        if not self.built:
+            self.build(variables)
+        tf.cond(tf.equal(self._perturbed, 0),
+                lambda: self._transparent_first_step(grads, variables),
+                lambda: self.second_step(grads, variables))
+
+    def _transparent_first_step(self, grads, variables):
+        """The odd call of transparent mode: steps (1)-(2) (LookSAM: or a whole cheap step)."""
+        self.first_step(grads, variables)
+
+    def _restore_unfinished_step(self, var_list):
+        """Put ``w`` back if a transparent-mode step was left at ``w + e`` (eager)."""
+        if self.built and int(self._perturbed.numpy()) == 1:
+            for v in var_list:
+                v.assign(self._backups[self._get_variable_index(v)])
+            self._perturbed.assign(0)
 
     def finalize_variable_values(self, var_list):
+        """End of ``fit``: drop an unfinished transparent-mode step (back to ``w``), then write
+        the moving averages (SAM's, then the base optimizer's) into the variables."""
+        self._restore_unfinished_step(var_list)
+        super().finalize_variable_values(var_list)
         self.base_optimizer.finalize_variable_values(var_list)
 
     def get_config(self):
-        # Not super().get_config(): SAM takes none of the Keras optimizer arguments.
+        # Not super().get_config(): SAM's learning rate and weight decay are the base optimizer's
         return {
             "name": self.name,
             "base_optimizer": keras.optimizers.serialize(self.base_optimizer),
@@ -341,6 +530,7 @@ class SAM(keras.optimizers.Optimizer):
             "use_gc": self.use_gc,
             "perturb_eps": self.perturb_eps,
             "eta": self.eta,
+            **_keras_config(self),
         }
 
     @classmethod
@@ -362,6 +552,11 @@ def _sam_for(model, rho):
     from sam_edu.tf.bsam import BSAM  # imported here: bsam.py builds on this module
 
     optimizer = model.optimizer
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        raise ValueError("the compiled optimizer is a LossScaleOptimizer (Keras adds one under "
+                         "the mixed_float16 policy), which sam_train_step does not support: its "
+                         "dynamic scale would have to cover both passes. Use mixed_bfloat16 "
+                         "(no loss scaling needed) or a fixed loss_scale_factor on SAM.")
     if isinstance(optimizer, (SAM, BSAM)):
         if (isinstance(optimizer, SAM) and optimizer.model is not None
                 and optimizer.model is not model):
@@ -404,7 +599,8 @@ def sam_train_step(model, data, rho=None):
         y_pred = model(x, training=True)
         loss = model.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight,
                                   training=True)
-    gradients = tape.gradient(loss, variables)
+        scaled = optimizer.scale_loss(loss)  # times loss_scale_factor; the step divides it out
+    gradients = tape.gradient(scaled, variables)
     # (2) ascend to w + e(w); None, or LookSAM's bool: False when its cheap step is already done
     perturbed = optimizer.first_step(gradients, variables)
 
@@ -419,18 +615,44 @@ def sam_train_step(model, data, rho=None):
         saved = [tf.identity(v) for v in state]
         # (3) gradient at the perturbed point, same batch
         with tf.GradientTape() as tape:
-            loss_adv = model.compute_loss(x=x, y=y, y_pred=model(x, training=True),
-                                          sample_weight=sample_weight, training=True)
+            loss_adv = optimizer.scale_loss(model.compute_loss(
+                x=x, y=y, y_pred=model(x, training=True), sample_weight=sample_weight,
+                training=True))
         for v, value in zip(state, saved):
             v.assign(value)
         # (4) restore w and (5) base step at w with d = g_adv
         optimizer.second_step(tape.gradient(loss_adv, variables), variables)
 
-    if perturbed is None:  # SAM, GSAM, WSAM, bSAM: every step has a pass 2
+    # SAM, GSAM, bSAM, and LookSAM and WSAM with k=1: every step has a pass 2
+    if perturbed is None or tf.get_static_value(perturbed) == True:  # noqa: E712 (np.bool_)
         adversarial_pass()
     else:  # LookSAM: a pass 2 on its SAM steps only
         tf.cond(perturbed, adversarial_pass, lambda: None)
 
+    # Keras divides each replica's loss by the number of replicas (so that summed gradients are
+    # the global batch's); the logged loss is the replica's own
     loss_tracker = next(m for m in model.metrics if m.name == "loss")
-    loss_tracker.update_state(loss, sample_weight=tf.shape(keras.tree.flatten(x)[0])[0])
+    loss_tracker.update_state(loss * _replicas(),
+                              sample_weight=tf.shape(keras.tree.flatten(x)[0])[0])
     return model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+
+@keras.saving.register_keras_serializable(package="sam_edu")
+class SAMModel(keras.Model):
+    """A ``keras.Model`` whose ``fit`` takes exact SAM steps: its ``train_step`` is
+    :func:`sam_train_step` (both passes on the same batch, BatchNorm statistics and the logged
+    loss and metrics from pass 1). Build it like any model, ``SAMModel(inputs, outputs)``, or
+    subclass it; compile it with a :class:`SAM` (any variant) or a plain optimizer (then SAM with
+    ``rho=0.05``). ``model.save`` / ``keras.models.load_model`` keep the class."""
+
+    def train_step(self, data):
+        return sam_train_step(self, data)
+
+
+@keras.saving.register_keras_serializable(package="sam_edu")
+class SAMSequential(keras.Sequential):
+    """``keras.Sequential`` with :func:`sam_train_step` as its ``train_step``; see
+    :class:`SAMModel`."""
+
+    def train_step(self, data):
+        return sam_train_step(self, data)

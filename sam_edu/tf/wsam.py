@@ -20,6 +20,11 @@ combined, as the official code does. ``adaptive`` uses ASAM's perturbation (with
 
 The steps are SAM's (1)-(5) (:mod:`sam_edu.tf.sam`), with SAM's perturbation; WSAM changes step
 (5), which needs the clean gradient ``g`` kept from step (1).
+
+The seed README gives WSAM LookSAM's ``k`` and ``alpha``. Here they mean what they mean in
+LookSAM (:mod:`sam_edu.tf.looksam`): with ``k > 1`` only every ``k``-th step computes ``g_adv``;
+the others approximate it by ``g + alpha ||g|| / ||g_v|| g_v`` and combine it with ``g`` as
+above. The default ``k=1`` is the paper's WSAM (``alpha`` then plays no part).
 """
 
 from __future__ import annotations
@@ -27,7 +32,8 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from sam_edu.tf.sam import SAM, Params, _model_reference, _refuse_arguments, global_norm
+from sam_edu.tf.looksam import LookSAM
+from sam_edu.tf.sam import Params, _keras_config, _keras_options, _model_reference, global_norm
 
 
 def sharpness_weight(gamma: float) -> float:
@@ -54,62 +60,59 @@ def wsam_direction(grads: Params, g_adv: Params, a: float) -> Params:
 
 
 @keras.saving.register_keras_serializable(package="sam_edu")
-class WSAM(SAM):
+class WSAM(LookSAM):
     """Weighted SAM around any Keras optimizer (ASAM's perturbation with ``adaptive=True``).
 
     ``model`` is ``None`` (custom loops) or the ``keras.Model`` this optimizer trains:
     :func:`~sam_edu.tf.sam_train_step` refuses to train another model with it (BatchNorm
     statistics are handled there for any model). Use it as :class:`~sam_edu.tf.SAM`:
     :meth:`first_step` with ``g`` at ``w``, :meth:`second_step` with ``g_adv`` at ``w + e``, or
-    ``sam_train_step`` under ``fit``.
+    ``sam_train_step`` under ``fit``. With ``k > 1`` it is driven as :class:`~sam_edu.tf.LookSAM`:
+    :meth:`first_step` returns whether pass 2 is needed. ``use_gc`` centralises the ascent
+    gradient, as in SAM.
     """
 
-    _keeps_centre_gradient = True
-
     def __init__(self, model, base_optimizer, rho=0.05, gamma=0.9, decouple=True, max_norm=None,
-                 adaptive=False, perturb_eps=1e-12, name="wsam", **kwargs):
-        looksam = [k for k in ("k", "alpha") if k in kwargs]
-        if looksam:
-            raise ValueError(
-                f"WSAM does not take {' or '.join(f'`{k}`' for k in looksam)}: `k` and `alpha` "
-                "are LookSAM's arguments (the seed README lists them for WSAM by mistake). WSAM "
-                "weighs sharpness with `gamma` in [0, 1): a = gamma / (1 - gamma), gamma=0.5 is "
-                "SAM, the default gamma=0.9 weighs sharpness 9 times the loss.")
-        _refuse_arguments(type(self).__name__, kwargs)  # SAM's use_gc and eta included
+                 k=1, alpha=0.7, adaptive=False, use_gc=False, perturb_eps=1e-12, name="wsam",
+                 **kwargs):
+        options = _keras_options(type(self).__name__, kwargs)  # SAM's eta refused
         a = sharpness_weight(gamma)
         if max_norm is not None and not max_norm > 0:
             raise ValueError(f"max_norm must be > 0 or None, got {max_norm}")
-        if decouple and getattr(base_optimizer, "gradient_accumulation_steps", None):
-            raise ValueError("base_optimizer accumulates gradients, which decoupled WSAM does not "
-                             "support: the sharpness term would be applied at every micro-step")
-        super().__init__(base_optimizer, rho=rho, adaptive=adaptive, perturb_eps=perturb_eps,
-                         name=name)
+        if decouple and (getattr(base_optimizer, "gradient_accumulation_steps", None)
+                         or options.get("gradient_accumulation_steps")):
+            raise ValueError("gradient_accumulation_steps (on WSAM or its base_optimizer) with "
+                             "decouple=True: the sharpness term would be applied at every "
+                             "micro-step; use decouple=False")
+        super().__init__(base_optimizer, rho=rho, k=k, alpha=alpha, adaptive=adaptive,
+                         use_gc=use_gc, perturb_eps=perturb_eps, name=name, **options)
         self._model_ref = _model_reference(model)
         self.gamma = gamma
         self.sharpness_weight = a
         self.decouple = decouple
         self.max_norm = max_norm
 
-    def _step_at_w(self, g_adv, variables):
+    def _direction_step(self, g, g_adv, variables):
         """(5) coupled: the base steps at ``w`` with ``d = g + a (g_adv - g)``; decoupled: with
         ``g``, then ``w <- w - lr_t a (g_adv - g)`` outside the base optimizer."""
-        g = self._centre_gradient(variables)
-        g_adv = [tf.zeros_like(v) if t is None else t for t, v in zip(g_adv, variables)]
         if self.max_norm is not None:
             g_adv = clip_by_global_norm(g_adv, self.max_norm)
         a = self.sharpness_weight
         if not self.decouple:
-            self.base_optimizer.apply_gradients(zip(wsam_direction(g, g_adv, a), variables))
+            self._base_step(wsam_direction(g, g_adv, a), variables)
             return
         # the learning rate of this step, read before the base step counts it
         lr = tf.cast(self.base_optimizer.learning_rate, g[0].dtype)
-        self.base_optimizer.apply_gradients(zip(g, variables))
-        for v, gi, ga in zip(variables, g, g_adv):
-            v.assign_sub(lr * a * (ga - gi))
+
+        def sharpness_term():
+            for v, gi, ga in zip(variables, g, g_adv):
+                v.assign_sub(lr * a * (ga - gi))
+
+        self._base_step(g, variables, then=sharpness_term)
 
     def get_config(self):
-        # Not SAM's: WSAM takes gamma, decouple and max_norm, and neither use_gc nor eta. The model
-        # is not serialised; a restored WSAM has model=None.
+        # Not LookSAM's: WSAM takes gamma, decouple and max_norm. The model is not serialised; a
+        # restored WSAM has model=None.
         return {
             "name": self.name,
             "base_optimizer": keras.optimizers.serialize(self.base_optimizer),
@@ -117,8 +120,12 @@ class WSAM(SAM):
             "gamma": self.gamma,
             "decouple": self.decouple,
             "max_norm": self.max_norm,
+            "k": self.k,
+            "alpha": self.alpha,
             "adaptive": self.adaptive,
+            "use_gc": self.use_gc,
             "perturb_eps": self.perturb_eps,
+            **_keras_config(self),
         }
 
     @classmethod
