@@ -1,5 +1,7 @@
 """SAM, GSAM, WSAM, bSAM and LookSAM for TensorFlow / Keras 3: Keras optimizers, a ``model.fit``
-train step, the pure math.
+train step (``sam_train_step``, built into ``SAMModel`` and ``SAMSequential``), the pure math.
+A bare ``model.compile(optimizer=SAM(...))`` trains too, alternating ascent and descent over
+consecutive batches (transparent mode).
 
 ``SAM`` (ASAM with ``adaptive=True``) wraps a base optimizer; ``GSAM``, ``WSAM`` and ``LookSAM``
 are SAMs that change the base step's direction (LookSAM's ``first_step`` also says whether pass 2

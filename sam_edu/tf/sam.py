@@ -28,7 +28,10 @@ One generic step, numbered as every implementation in ``sam_edu`` numbers it:
 
 Keras hands an optimizer one gradient per step, so the two passes live in the caller: a custom
 ``tf.function`` loop calls :meth:`SAM.first_step` after pass 1 and :meth:`SAM.second_step` after
-pass 2, and ``model.fit`` runs both through :func:`sam_train_step` in the model's ``train_step``.
+pass 2, and ``model.fit`` runs both through :func:`sam_train_step` in the model's ``train_step``
+(:class:`SAMModel`, :class:`SAMSequential`). A bare ``model.compile(optimizer=SAM(...))`` gets
+its second gradient from the next batch instead: :meth:`SAM.apply` alternates the two steps (the
+transparent mode of ``optax.contrib.sam``).
 """
 
 from __future__ import annotations
