@@ -41,6 +41,7 @@ from collections.abc import Sequence
 
 import keras
 import tensorflow as tf
+from tensorflow.python.ops import control_flow_util
 
 Params = list[tf.Tensor]
 
@@ -139,7 +140,13 @@ def _check_finite(grads: list, message: str) -> list:
 
     The check sits on the data path, so inside a ``tf.function`` every op that uses a checked
     gradient runs after it; a failure raises ``tf.errors.InvalidArgumentError`` with ``message``.
+    XLA compiles these checks away, so tracing under ``jit_compile=True`` raises ``ValueError``.
     """
+    # TensorFlow has no public test for "inside an XLA cluster"; this is the one tf.function uses
+    if control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()):
+        raise ValueError("jit_compile=True: XLA drops the checks that keep a non-finite gradient "
+                         "out of the weights. Compile the model (or tf.function) with "
+                         "jit_compile=False; SAMModel and SAMSequential do by default.")
     return [None if g is None else tf.debugging.assert_all_finite(tf.convert_to_tensor(g), message)
             for g in grads]
 
@@ -648,6 +655,11 @@ class SAMModel(keras.Model):
     subclass it; compile it with a :class:`SAM` (any variant) or a plain optimizer (then SAM with
     ``rho=0.05``). ``model.save`` / ``keras.models.load_model`` keep the class."""
 
+    def compile(self, *args, jit_compile=False, **kwargs):
+        """``keras.Model.compile``, without XLA by default (XLA would drop the finite checks;
+        Keras' ``"auto"`` turns it on where there is a GPU)."""
+        super().compile(*args, jit_compile=jit_compile, **kwargs)
+
     def train_step(self, data):
         return sam_train_step(self, data)
 
@@ -656,6 +668,10 @@ class SAMModel(keras.Model):
 class SAMSequential(keras.Sequential):
     """``keras.Sequential`` with :func:`sam_train_step` as its ``train_step``; see
     :class:`SAMModel`."""
+
+    def compile(self, *args, jit_compile=False, **kwargs):
+        """``keras.Sequential.compile``, without XLA by default (see :meth:`SAMModel.compile`)."""
+        super().compile(*args, jit_compile=jit_compile, **kwargs)
 
     def train_step(self, data):
         return sam_train_step(self, data)
