@@ -647,6 +647,15 @@ def sam_train_step(model, data, rho=None):
     return model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
 
 
+def _compile_from_config(model, config):
+    """``load_model``'s compile: Keras' own ``compile_from_config`` skips compiling (with a
+    warning) when the class overrides ``compile``, as SAMModel and SAMSequential do; this is what
+    it does otherwise."""
+    model.compile(**keras.saving.deserialize_keras_object(config))
+    if model.built:
+        model.optimizer.build(model.trainable_variables)  # the variables load_model restores
+
+
 @keras.saving.register_keras_serializable(package="sam_edu")
 class SAMModel(keras.Model):
     """A ``keras.Model`` whose ``fit`` takes exact SAM steps: its ``train_step`` is
@@ -660,6 +669,9 @@ class SAMModel(keras.Model):
         Keras' ``"auto"`` turns it on where there is a GPU)."""
         super().compile(*args, jit_compile=jit_compile, **kwargs)
 
+    def compile_from_config(self, config):
+        _compile_from_config(self, config)
+
     def train_step(self, data):
         return sam_train_step(self, data)
 
@@ -672,6 +684,9 @@ class SAMSequential(keras.Sequential):
     def compile(self, *args, jit_compile=False, **kwargs):
         """``keras.Sequential.compile``, without XLA by default (see :meth:`SAMModel.compile`)."""
         super().compile(*args, jit_compile=jit_compile, **kwargs)
+
+    def compile_from_config(self, config):
+        _compile_from_config(self, config)
 
     def train_step(self, data):
         return sam_train_step(self, data)
