@@ -13,12 +13,21 @@ tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")
 
 import parity  # noqa: E402
+from test_tf_gsam_wsam import (  # noqa: E402
+    _assert_differ,
+    _assert_weights,
+    _base_alone,
+    _base_alone_loop,
+    _counting,
+    _readme_data,
+    _replay,
+)
 from test_tf_sam import (  # noqa: E402
-    SAMModel,
     _keras_momentum,
     _mlp_loss,
     _parity_model,
     _seed_data,
+    _seed_model,
     _two_pass_step,
     _values,
     floatx,
@@ -26,7 +35,7 @@ from test_tf_sam import (  # noqa: E402
 
 from sam_edu import reference as ref  # noqa: E402
 from sam_edu import tf as samtf  # noqa: E402
-from sam_edu.tf import BSAM, SAM, LookSAM, sam_train_step  # noqa: E402
+from sam_edu.tf import BSAM, SAM, LookSAM, SAMModel, sam_train_step  # noqa: E402
 
 
 def _bsam_step(opt, variables, loss_fn):
@@ -450,13 +459,38 @@ def test_fit_batchnorm_statistics_come_from_pass_one_only(name):
                                atol=1e-6)
 
 
-def test_bsam_plain_fit_explains_what_to_do():
-    inputs = keras.Input((5,))
-    model = keras.Model(inputs, keras.layers.Dense(3)(inputs))
-    model.compile(optimizer=BSAM(100), loss="sparse_categorical_crossentropy")
+def test_bsam_plain_fit_trains_in_transparent_mode():
+    """A bare compile(optimizer=BSAM(...)) on a plain keras.Model: call 1 draws the noisy point
+    (its gradient unused), then first_step / second_step + next draw alternate; on one repeated
+    batch that is the explicit loop's steps. The end of fit puts the mean w back."""
     x, y = parity.batches()[0]
-    with pytest.raises(NotImplementedError, match="two gradients.*sam_train_step.*noisy_step"):
-        model.fit(x.astype("float32"), y, verbose=0)
+    x = x.astype("float32")
+
+    def run(transparent, steps):
+        keras.utils.set_random_seed(0)
+        inputs = keras.Input((5,))
+        model = keras.Model(inputs, keras.layers.Dense(3)(inputs))
+        optimizer = BSAM(100, rho=0.1, seed=4)
+        model.compile(optimizer=optimizer,
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        if transparent:
+            model.fit(x, y, batch_size=8, epochs=steps, verbose=0)
+        else:
+            step = tf.function(_bsam_step(optimizer, model.trainable_variables,
+                                          lambda v, x, y: model.compute_loss(y=y, y_pred=model(x))))
+            for _ in range(steps):
+                step(x, y)
+        return model, optimizer
+
+    model, optimizer = run(True, 8)  # draw, 3 x (first, second + draw), first: 3 steps
+    assert int(optimizer.iterations) == 3
+    loop_model, loop_optimizer = run(False, 3)
+    _assert_weights(model.get_weights(), loop_model.get_weights(), atol=1e-6)
+    for a, b in zip(optimizer.precisions, loop_optimizer.precisions):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=0, atol=1e-6)
+    assert np.abs(optimizer.precisions[0].numpy() - 1.0).max() > 1e-4
+    # one step more is not what fit did
+    _assert_differ(model.get_weights(), run(False, 4)[0].get_weights(), by=1e-6)
 
 
 def test_sam_train_step_rejects_a_second_rho_for_bsam():
@@ -474,29 +508,25 @@ def test_sam_train_step_rejects_a_second_rho_for_bsam():
 
 # --- the TF2 seed README, as written (only the import changed) -----------------------------------
 
-class SAMSequential(keras.Sequential):
-    """``tf.keras.models.Sequential`` with :func:`sam_train_step`, which ``fit`` needs."""
-
-    def train_step(self, data):
-        return sam_train_step(self, data)
-
-
-def _readme_data():
-    rng = np.random.default_rng(0)
-    x, y = rng.normal(size=(32, 784)).astype("float32"), rng.integers(0, 10, 32)
-    return (tf.data.Dataset.from_tensor_slices((x[:16], y[:16])).batch(16),
-            tf.data.Dataset.from_tensor_slices((x[16:], y[16:])).batch(16))
+def _readme_model(units, activation=None):
+    """The README's ``tf.keras.Sequential`` (784 inputs), seeded as the tests seed it."""
+    keras.utils.set_random_seed(0)
+    return tf.keras.Sequential([
+        tf.keras.Input((784,)),
+        tf.keras.layers.Dense(units, activation="relu"),
+        tf.keras.layers.Dense(10, activation=activation),
+    ])
 
 
 @pytest.mark.filterwarnings("ignore:Do not pass an `input_shape`")
 @pytest.mark.filterwarnings("ignore:`shuffle=True` was passed")
-def test_seed_readme_bsam():
+def test_seed_readme_bsam_on_a_plain_sequential():
     from sam_edu.tf import BSAM  # README: from sam import BSAM
 
-    train_dataset, val_dataset = _readme_data()
+    train_dataset, val_dataset = _readme_data()  # one batch of 16 per epoch
     keras.utils.set_random_seed(0)
 
-    # --- README (tf.keras.models.Sequential -> SAMSequential: fit needs sam_train_step) ---
+    # --- README (seed 000) ---
     # Instantiate the BSAM optimizer
     optimizer = BSAM(
         num_data=50000,
@@ -510,29 +540,49 @@ def test_seed_readme_bsam():
     )
 
     # Build a model
-    model = SAMSequential([
+    model = tf.keras.models.Sequential([
         tf.keras.layers.Dense(256, activation='relu', input_shape=(784,)),
         tf.keras.layers.Dense(10, activation='softmax')
     ])
 
     # Compile the model using BSAM
     model.compile(optimizer=optimizer, loss='sparse_categorical_crossentropy', metrics=['accuracy'])
-    model.fit(train_dataset, validation_data=val_dataset, epochs=10, verbose=0)
+    model.fit(train_dataset, validation_data=val_dataset, epochs=10)
     # --- end README ---
 
-    assert int(optimizer.iterations) == 10
+    assert type(model) is tf.keras.models.Sequential
+    # 10 fit steps: a draw, 4 x (first_step, second_step + draw), a first_step dropped at the end
+    assert int(optimizer.iterations) == 4
     assert np.abs(optimizer.precisions[0].numpy() - 1.0).max() > 1e-3
+    # the explicit loop (noisy_step, pass 1, first_step, pass 2, second_step), 4 steps on the batch
+    (x, y), = list(train_dataset)
+    keras.utils.set_random_seed(0)  # the same seed for BSAM, then the same initial weights
+    loop_optimizer = BSAM(num_data=50000, lr=0.5, beta1=0.9, beta2=0.999, weight_decay=1e-4,
+                          rho=0.05, damping=0.1)
+    twin = tf.keras.Sequential([tf.keras.Input((784,)),
+                                tf.keras.layers.Dense(256, activation="relu"),
+                                tf.keras.layers.Dense(10, activation="softmax")])
+    twin.compile(optimizer=loop_optimizer, loss="sparse_categorical_crossentropy")
+    step = tf.function(_bsam_step(loop_optimizer, twin.trainable_variables,
+                                  lambda v, x, y: twin.compute_loss(y=y, y_pred=twin(x))))
+    for _ in range(4):
+        step(x, y)
+    _assert_weights(model.get_weights(), twin.get_weights())
+    # and plain Adam (the closest base optimizer; bSAM has none) trains somewhere else
+    _assert_differ(model.get_weights(), _base_alone(
+        lambda: _readme_model(256, "softmax"), keras.optimizers.Adam(1e-3),
+        "sparse_categorical_crossentropy", train_dataset))
 
 
 @pytest.mark.filterwarnings("ignore:Do not pass an `input_shape`")
 @pytest.mark.filterwarnings("ignore:`shuffle=True` was passed")
-def test_seed_readme_looksam():
+def test_seed_readme_looksam_on_a_plain_sequential():
     from sam_edu.tf import LookSAM  # README: from optimizers.looksam import LookSAM
 
-    train_dataset, val_dataset = _readme_data()
+    train_dataset, val_dataset = _readme_data()  # one batch of 16 per epoch
     keras.utils.set_random_seed(0)
 
-    # --- README (tf.keras.Sequential -> SAMSequential: fit needs sam_train_step) ---
+    # --- README (seed 000) ---
     # 1. Define your base optimizer
     base_opt = tf.keras.optimizers.Adam(learning_rate=1e-3)
 
@@ -547,7 +597,7 @@ def test_seed_readme_looksam():
     )
 
     # 3. Compile and train your model as usual
-    model = SAMSequential([
+    model = tf.keras.Sequential([
         tf.keras.layers.Dense(128, activation='relu', input_shape=(784,)),
         tf.keras.layers.Dense(10),
     ])
@@ -556,11 +606,58 @@ def test_seed_readme_looksam():
         loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=['accuracy']
     )
-    model.fit(train_dataset, validation_data=val_dataset, epochs=10, verbose=0)
+    model.fit(train_dataset, validation_data=val_dataset, epochs=10)
     # --- end README ---
 
-    assert int(opt.iterations) == int(base_opt.iterations) == 10
+    assert type(model) is tf.keras.Sequential
+    # step 0 is a SAM step (fit steps 1 and 2), steps 1-8 are cheap (one fit step each)
+    assert int(opt.iterations) == int(base_opt.iterations) == 9
+    assert int(opt._perturbed.numpy()) == 0
     assert np.abs(opt._orthogonal_gradients[0].numpy()).max() > 0  # from step 0
+    loss = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    want = _replay(lambda: _readme_model(128), lambda: LookSAM(
+        tf.keras.optimizers.Adam(1e-3), rho=0.1, k=10, alpha=0.7), loss, train_dataset, steps=9,
+        branch=True)
+    _assert_weights(model.get_weights(), want)
+    _assert_differ(model.get_weights(), _base_alone(
+        lambda: _readme_model(128), tf.keras.optimizers.Adam(1e-3), loss, train_dataset))
+
+
+def test_seed_readme_custom_loop_looksam():
+    """The seed 002 README's train_step_SAM with LookSAM: pass 2 only when first_step says so."""
+    from sam_edu.tf import LookSAM  # README: from sam import SAM
+
+    x_train, y_train = _seed_data()
+    dataset = tf.data.Dataset.from_tensor_slices((x_train, y_train)).batch(8).repeat(2)  # 16
+    loss_object, calls = _counting(tf.keras.losses.SparseCategoricalCrossentropy())
+    YourModel = _seed_model  # noqa: N806
+
+    # --- README (seed 002; SAM(base_optimizer) -> LookSAM, pass 2 when first_step says so) ---
+    model = YourModel()
+    base_optimizer = tf.keras.optimizers.SGD()  # define an optimizer for the "sharpness-aware" update
+    optimizer = LookSAM(base_optimizer, k=5)
+
+    @tf.function
+    def train_step_SAM(images, labels):  # noqa: N802
+        with tf.GradientTape() as tape:
+            predictions = model(images, training=True)
+            loss = loss_object(labels, predictions)
+        gradients = tape.gradient(loss, model.trainable_variables)
+        if optimizer.first_step(gradients, model.trainable_variables):
+
+            with tf.GradientTape() as tape:
+                predictions = model(images, training=True)
+                loss = loss_object(labels, predictions)
+            gradients = tape.gradient(loss, model.trainable_variables)
+            optimizer.second_step(gradients, model.trainable_variables)
+
+    for x, y in dataset:
+        train_step_SAM(x, y)
+    # --- end README ---
+
+    assert int(optimizer.iterations) == 16
+    assert int(calls.numpy()) == 16 + math.ceil(16 / 5) == 20
+    _assert_differ(model.get_weights(), _base_alone_loop(dataset, tf.keras.optimizers.SGD()))
 
 
 def test_seed_readme_looksam_step_argument():
@@ -648,10 +745,10 @@ def test_get_config_round_trip(name):
     (dict(s_init=0.0), "s_init"),
     (dict(seed=1.5), "seed"),
     (dict(adaptive=True), "adaptive=True: bSAM's ascent .* already scaled"),
-    (dict(clipnorm=1.0), "`clipnorm`.* `lr`"),
+    (dict(clipnorm=0.0), "clipnorm must be a number > 0"),
     (dict(learning_rate=0.1), "`learning_rate`"),
-    (dict(use_ema=True), "`use_ema`"),
-    (dict(gradient_accumulation_steps=2), "`gradient_accumulation_steps`"),
+    (dict(ema_momentum=0.9), "ema_momentum given without use_ema=True"),
+    (dict(gradient_accumulation_steps=2), "gradient_accumulation_steps"),
 ])
 def test_bsam_invalid_settings_raise_naming_the_argument(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -677,8 +774,26 @@ def test_bsam_noise_must_match_the_variables(noise):
     (dict(alpha=-0.1), "alpha"),
     (dict(base_optimizer="sgd"), "base_optimizer"),
     (dict(eta=0.01), "`eta`"),
-    (dict(clipnorm=1.0), "`clipnorm`.*base_optimizer"),
+    (dict(clipnorm=-1.0), "clipnorm must be a number > 0"),
+    (dict(k=2, gradient_accumulation_steps=2), "gradient_accumulation_steps with k > 1"),
+    (dict(learning_rate=0.1), "`learning_rate`.*base_optimizer"),
 ])
 def test_looksam_invalid_settings_raise_naming_the_argument(kwargs, match):
     with pytest.raises(ValueError, match=match):
         LookSAM(**{"base_optimizer": keras.optimizers.SGD(), **kwargs})
+
+
+@pytest.mark.parametrize("cls,kwargs", [
+    (BSAM, dict(num_data=100, clipnorm=1.0, use_ema=True, ema_momentum=0.9,
+                ema_overwrite_frequency=2, loss_scale_factor=4.0)),
+    (LookSAM, dict(base_optimizer=keras.optimizers.SGD(), clipnorm=1.0, use_ema=True,
+                   loss_scale_factor=4.0)),
+    (LookSAM, dict(base_optimizer=keras.optimizers.SGD(), k=1, gradient_accumulation_steps=2)),
+])
+def test_keras_options_are_accepted_and_kept(cls, kwargs):
+    opt = cls(**kwargs)
+    config = opt.get_config()
+    for name, value in kwargs.items():
+        if name not in ("num_data", "base_optimizer"):
+            assert getattr(opt, name) == value and config[name] == value
+    assert type(opt).from_config(config).get_config() == config
