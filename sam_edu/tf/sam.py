@@ -231,8 +231,9 @@ def _keras_options(owner: str, kwargs: dict, hint: str = _BASE_OPTIMIZER_HINT) -
     _refuse_arguments(owner, kwargs, hint)
     for arg in ("clipnorm", "clipvalue", "global_clipnorm", "loss_scale_factor"):
         value = options.get(arg)
-        if value is not None and not (isinstance(value, (int, float)) and value > 0):
-            # Keras would skip a clip <= 0 without a word
+        if value is not None and not (isinstance(value, (int, float))
+                                      and not isinstance(value, bool) and value > 0):
+            # Keras would skip a clip <= 0 without a word (and take True for 1)
             raise ValueError(f"{arg} must be a number > 0 or None, got {value!r}")
     steps = options.get("gradient_accumulation_steps")
     if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 2):
@@ -243,6 +244,10 @@ def _keras_options(owner: str, kwargs: dict, hint: str = _BASE_OPTIMIZER_HINT) -
         if ema:  # Keras would keep them and never use them
             raise ValueError(f"{', '.join(ema)} given without use_ema=True: there is no moving "
                              "average to configure")
+    frequency = options.get("ema_overwrite_frequency")
+    if frequency is not None and (not isinstance(frequency, int) or isinstance(frequency, bool)
+                                  or frequency < 1):  # Keras would take 0 for None, True for 1
+        raise ValueError(f"ema_overwrite_frequency must be an int >= 1 or None, got {frequency!r}")
     return options
 
 
