@@ -437,16 +437,31 @@ def test_sam_train_step_rejects_a_second_rho():
         model.fit(x.astype("float32"), y, verbose=0)
 
 
-def test_plain_fit_without_a_sam_train_step_explains_what_to_do():
-    inputs = keras.Input((5,))
-    model = keras.Model(inputs, keras.layers.Dense(3)(inputs))
-    model.compile(optimizer=SAM(keras.optimizers.SGD(0.1)),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+def test_plain_fit_trains_with_sam_in_transparent_mode():
+    """A bare ``compile(optimizer=SAM(...))`` + ``fit`` takes SAM steps (transparent mode): with
+    the one batch repeated, two fit steps are one exact SAM step, unlike the base optimizer's."""
     x, y = parity.batches()[0]
-    with pytest.raises(NotImplementedError, match="second gradient.*sam_train_step.*first_step"):
-        model.fit(x.astype("float32"), y, verbose=0)
-    with pytest.raises(NotImplementedError, match="second gradient"):
-        model.optimizer.apply_gradients(zip([tf.ones((5, 3))], [model.trainable_variables[0]]))
+    x = x.astype("float32")
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+    def model_with(optimizer):
+        keras.utils.set_random_seed(0)
+        inputs = keras.Input((5,))
+        model = keras.Model(inputs, keras.layers.Dense(3)(inputs))
+        model.compile(optimizer=optimizer, loss=loss)
+        return model
+
+    sam = model_with(SAM(keras.optimizers.SGD(0.1), rho=0.5))
+    sam.fit(x, y, batch_size=len(x), epochs=2, shuffle=False, verbose=0)  # pass 1, then pass 2
+    assert int(sam.optimizer.iterations) == 1
+    explicit = model_with(SAM(keras.optimizers.SGD(0.1), rho=0.5))
+    loss_fn = lambda v, x, y: loss(y, explicit(x))  # noqa: E731
+    _two_pass_step(explicit.optimizer, explicit.trainable_variables, loss_fn)(x, y)
+    plain = model_with(keras.optimizers.SGD(0.1))
+    plain.fit(x, y, batch_size=len(x), epochs=1, shuffle=False, verbose=0)
+    for a, b, c in zip(sam.get_weights(), explicit.get_weights(), plain.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+    assert max(np.abs(a - c).max() for a, c in zip(sam.get_weights(), plain.get_weights())) > 1e-4
 
 
 # --- configuration, validation, checkpoints ------------------------------------------------------
@@ -500,15 +515,26 @@ def test_invalid_settings_raise_naming_the_argument(kwargs, name):
         SAM(**kwargs)
 
 
+@pytest.mark.parametrize("kwarg,value,hint", [
+    ("weight_decay", 1e-4, True), ("learning_rate", 0.1, True), ("momentum", 0.9, False),
+    ("nesterov", True, False),
+])
+def test_base_optimizer_arguments_are_refused_not_ignored(kwarg, value, hint):
+    """The base optimizer's own arguments raise (weight decay and the learning rate pointing at
+    it); the Keras options SAM applies itself are tested in test_tf_keras_options.py."""
+    with pytest.raises(ValueError, match=f"`{kwarg}`") as raised:
+        SAM(keras.optimizers.SGD(), **{kwarg: value})
+    assert ("base_optimizer" in str(raised.value)) == hint
+
+
 @pytest.mark.parametrize("kwarg,value", [
     ("clipnorm", 1.0), ("clipvalue", 1.0), ("global_clipnorm", 1.0), ("use_ema", True),
-    ("ema_momentum", 0.9), ("ema_overwrite_frequency", 10), ("loss_scale_factor", 128.0),
-    ("gradient_accumulation_steps", 2), ("weight_decay", 1e-4), ("learning_rate", 0.1),
-    ("clipnorm", None), ("momentum", 0.9),
+    ("loss_scale_factor", 128.0), ("gradient_accumulation_steps", 2), ("clipnorm", None),
 ])
-def test_keras_optimizer_arguments_are_refused_not_ignored(kwarg, value):
-    with pytest.raises(ValueError, match=f"`{kwarg}`"):
-        SAM(keras.optimizers.SGD(), **{kwarg: value})
+def test_keras_optimizer_options_are_accepted_and_kept(kwarg, value):
+    opt = SAM(keras.optimizers.SGD(), **{kwarg: value})
+    assert getattr(opt, kwarg) == value
+    assert opt.get_config().get(kwarg) == value
 
 
 def test_learning_rate_and_iterations_belong_to_the_base_optimizer():
