@@ -68,7 +68,7 @@ from sam_edu.tf.sam import (
     _global_gradients,
     _keras_config,
     _keras_options,
-    _refuse_under_distribution,
+    _transparent_arguments,
     _update_ema,
 )
 
@@ -345,15 +345,7 @@ class BSAM(keras.optimizers.Optimizer):
         next phase of a step. At ``w`` (the first call of a run): draw the noisy point, the
         gradient is not used. At the noisy point: :meth:`first_step`. At ``w + rho g / s``:
         :meth:`second_step`, then the next step's draw, so the caller's next gradient is at it."""
-        if trainable_variables is None:
-            if not self.built:
-                raise ValueError("apply() without variables needs a built optimizer: call "
-                                 "optimizer.build(variables) first")
-            trainable_variables = self._trainable_variables
-        variables, grads = list(trainable_variables), list(grads)
-        _refuse_under_distribution("Transparent mode (a bare compile(optimizer=BSAM(...)))")
-        if not self.built:
-            self.build(variables)
+        grads, variables = _transparent_arguments(self, grads, trainable_variables)
 
         def step_and_draw():
             self.second_step(grads, variables)

@@ -273,6 +273,22 @@ def _global_gradients(optimizer, gradients) -> list:
     return _unscale(optimizer, _all_reduce(dense))
 
 
+def _transparent_arguments(optimizer, grads, trainable_variables) -> tuple[list, list]:
+    """``apply``'s arguments in transparent mode, as lists, with the optimizer built; refused
+    under ``tf.distribute`` (the modes branch on a ``tf.cond``)."""
+    if trainable_variables is None:
+        if not optimizer.built:
+            raise ValueError("apply() without variables needs a built optimizer: call "
+                             "optimizer.build(variables) first")
+        trainable_variables = optimizer._trainable_variables
+    variables = list(trainable_variables)
+    _refuse_under_distribution(f"Transparent mode (a bare compile(optimizer="
+                               f"{type(optimizer).__name__}(...)))")
+    if not optimizer.built:
+        optimizer.build(variables)
+    return list(grads), variables
+
+
 def _update_ema(optimizer, variables) -> None:
     """After a step: move the moving average toward ``w``; every ``ema_overwrite_frequency``
     steps write it into the variables. The first step starts the average at ``w``."""
@@ -504,15 +520,7 @@ class SAM(keras.optimizers.Optimizer):
         """Transparent mode (a bare ``model.compile(optimizer=SAM(...))``): alternate
         :meth:`first_step` (the gradient is at ``w``) and :meth:`second_step` (the gradient is
         at ``w + e``, computed by the caller on its next batch)."""
-        if trainable_variables is None:
-            if not self.built:
-                raise ValueError("apply() without variables needs a built optimizer: call "
-                                 "optimizer.build(variables) first")
-            trainable_variables = self._trainable_variables
-        variables, grads = list(trainable_variables), list(grads)
-        _refuse_under_distribution("Transparent mode (a bare compile(optimizer=SAM(...)))")
-        if not self.built:
-            self.build(variables)
+        grads, variables = _transparent_arguments(self, grads, trainable_variables)
         tf.cond(tf.equal(self._perturbed, 0),
                 lambda: self._transparent_first_step(grads, variables),
                 lambda: self.second_step(grads, variables))
@@ -652,46 +660,35 @@ def sam_train_step(model, data, rho=None):
     return model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
 
 
-def _compile_from_config(model, config):
-    """``load_model``'s compile: Keras' own ``compile_from_config`` skips compiling (with a
-    warning) when the class overrides ``compile``, as SAMModel and SAMSequential do; this is what
-    it does otherwise."""
-    model.compile(**keras.saving.deserialize_keras_object(config))
-    if model.built:
-        model.optimizer.build(model.trainable_variables)  # the variables load_model restores
+class SAMTrainStep:
+    """Mixin for a Keras model class: ``fit`` takes exact SAM steps through
+    :func:`sam_train_step`, and ``compile`` leaves XLA off unless asked (XLA would drop the finite
+    checks; Keras' ``"auto"`` turns it on where there is a GPU)."""
+
+    def compile(self, *args, jit_compile=False, **kwargs):
+        super().compile(*args, jit_compile=jit_compile, **kwargs)
+
+    def compile_from_config(self, config):
+        """``load_model``'s compile. Keras' own skips compiling (with a warning) when the class
+        overrides ``compile``; this is what it does otherwise."""
+        self.compile(**keras.saving.deserialize_keras_object(config))
+        if self.built:
+            self.optimizer.build(self.trainable_variables)  # the variables load_model restores
+
+    def train_step(self, data):
+        return sam_train_step(self, data)
 
 
 @keras.saving.register_keras_serializable(package="sam_edu")
-class SAMModel(keras.Model):
+class SAMModel(SAMTrainStep, keras.Model):
     """A ``keras.Model`` whose ``fit`` takes exact SAM steps: its ``train_step`` is
     :func:`sam_train_step` (both passes on the same batch, BatchNorm statistics and the logged
     loss and metrics from pass 1). Build it like any model, ``SAMModel(inputs, outputs)``, or
     subclass it; compile it with a :class:`SAM` (any variant) or a plain optimizer (then SAM with
     ``rho=0.05``). ``model.save`` / ``keras.models.load_model`` keep the class."""
 
-    def compile(self, *args, jit_compile=False, **kwargs):
-        """``keras.Model.compile``, without XLA by default (XLA would drop the finite checks;
-        Keras' ``"auto"`` turns it on where there is a GPU)."""
-        super().compile(*args, jit_compile=jit_compile, **kwargs)
-
-    def compile_from_config(self, config):
-        _compile_from_config(self, config)
-
-    def train_step(self, data):
-        return sam_train_step(self, data)
-
 
 @keras.saving.register_keras_serializable(package="sam_edu")
-class SAMSequential(keras.Sequential):
+class SAMSequential(SAMTrainStep, keras.Sequential):
     """``keras.Sequential`` with :func:`sam_train_step` as its ``train_step``; see
     :class:`SAMModel`."""
-
-    def compile(self, *args, jit_compile=False, **kwargs):
-        """``keras.Sequential.compile``, without XLA by default (see :meth:`SAMModel.compile`)."""
-        super().compile(*args, jit_compile=jit_compile, **kwargs)
-
-    def compile_from_config(self, config):
-        _compile_from_config(self, config)
-
-    def train_step(self, data):
-        return sam_train_step(self, data)
