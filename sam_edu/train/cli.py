@@ -59,6 +59,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run directory (default runs/<framework>-<optimizer>-<model>-"
                    "<dataset>-seed<seed>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--stop-after", "--stop_after", dest="stop_after", type=int,
+                   help="end this session after epoch N; --resume continues the same schedule")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     return p
 

@@ -85,6 +85,7 @@ class Config:
     download: bool = True
     out: str | None = None
     resume: bool = False
+    stop_after: int | None = None
     progress: bool = True
 
 
@@ -143,7 +144,7 @@ def resolve(config: Config) -> Config:
     _check(c.gamma is None or 0 <= c.gamma < 1, "gamma", f"must be in [0, 1), got {c.gamma}")
     _check(c.k is None or (_is_int(c.k) and c.k >= 1), "k", f"must be an integer >= 1, got "
                                                              f"{c.k!r}")
-    for name in ("num_train", "num_test"):
+    for name in ("num_train", "num_test", "stop_after"):
         value = getattr(c, name)
         _check(value is None or (_is_int(value) and value >= 1), name,
                f"must be an integer >= 1, got {value!r}")
@@ -237,7 +238,8 @@ def make_trainer(config: Config, dataset: datasets.ImageDataset, total_steps: in
 
 CONFIG_FILE = "config.json"
 LOG_FILE = "log.jsonl"
-_RESUMABLE_CHANGES = {"epochs", "resume", "progress", "out", "data_dir", "download"}
+# The schedule spans ``epochs``, so a resumed run keeps it; these may change between sessions.
+_RESUMABLE_CHANGES = {"resume", "stop_after", "progress", "out", "data_dir", "download"}
 
 
 def _prepare_out(config: Config) -> tuple[Path, list[dict]]:
@@ -271,6 +273,8 @@ def train(config: Config | None = None, **overrides) -> list[dict]:
     ``python -m sam_edu.train --framework jax --optimizer gsam --epochs 3``. With ``out`` set, the
     config, the log and a checkpoint after every epoch are written there, and ``resume=True``
     continues from the last checkpoint; a resumed run equals an uninterrupted one.
+    ``stop_after=n`` ends the session after epoch ``n`` of ``epochs`` (e.g. before a Colab
+    session runs out); resuming goes on with the same schedule.
     """
     from tqdm.auto import tqdm
 
@@ -291,7 +295,8 @@ def train(config: Config | None = None, **overrides) -> list[dict]:
             (out / LOG_FILE).write_text("".join(json.dumps(r) + "\n" for r in records))
     elif config.resume:
         raise ValueError("resume needs out, the directory of the run to continue")
-    for epoch in range(len(records) + 1, config.epochs + 1):
+    last = config.epochs if config.stop_after is None else min(config.stop_after, config.epochs)
+    for epoch in range(len(records) + 1, last + 1):
         batches = tqdm(epoch_batches(config, dataset, epoch), total=steps, leave=False,
                        disable=not config.progress,
                        desc=f"{config.framework} {config.optimizer} epoch {epoch}")
