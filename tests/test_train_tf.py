@@ -28,7 +28,7 @@ from sam_edu.train import Config, common, cosine_lr, resolve, train  # noqa: E40
 from sam_edu.train.tf_backend import SGD, TFTrainer  # noqa: E402
 
 TINY = dict(framework="tf", dataset="digits", model="small-cnn", num_train=96, num_test=64,
-            batch_size=32, progress=False)  # 3 steps per epoch
+            batch_size=32, device="cpu", progress=False)  # 3 steps per epoch, fp32 on a GPU host
 SAM_VARIANTS = ("sam", "asam", "gsam", "wsam", "looksam", "bsam")
 FIELDS = {"epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "lr", "seconds",
           "images_per_second", "device", "precision"}
@@ -315,8 +315,8 @@ def test_command_line_writes_the_run(tmp_path):
     env = {**os.environ, "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "3"}
     result = subprocess.run(
         [sys.executable, "-m", "sam_edu.train", "--framework", "tf", "--optimizer", "sam",
-         "--epochs", "1", "--num-train", "64", "--num-test", "64", "--batch-size", "32",
-         "--no-progress", "--out", str(out)],
+         "--epochs", "1", "--num-train", "32", "--num-test", "32", "--batch-size", "32",
+         "--device", "cpu", "--no-progress", "--out", str(out)],
         capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert json.loads((out / "config.json").read_text())["framework"] == "tf"
@@ -339,7 +339,7 @@ def test_bf16_runs_on_the_cpu():
 
 @pytest.mark.skipif(bool(tf.config.list_physical_devices("GPU")), reason="a GPU is present")
 def test_device_and_precision_on_a_cpu():
-    _, _, trainer = make_trainer("sgd")
+    _, _, trainer = make_trainer("sgd", device="auto")
     assert (trainer.device, trainer.precision) == ("cpu", "fp32")
     with pytest.raises(ValueError, match="device"):
         make_trainer("sgd", device="gpu")

@@ -129,18 +129,18 @@ def _build_optimizer(config: common.Config, model: keras.Model, num_data: int,
     name = config.optimizer
     if name == "sgd":
         return base
-    if name in ("sam", "asam"):
-        return sam_tf.SAM(base, rho=config.rho, adaptive=name == "asam",
-                          eta=config.eta or 0.0)
+    if name == "sam":
+        return sam_tf.SAM(base, rho=config.rho)
+    if name == "asam":
+        return sam_tf.SAM(base, rho=config.rho, adaptive=True, eta=config.eta)
     if name == "gsam":  # rho_t = rho_min + (rho - rho_min) lr_t / lr, or rho constant
         rho = config.rho if config.rho_min is None else _cosine(config.rho, total_steps,
                                                                 config.rho_min)
         return sam_tf.GSAM(model, base, rho, alpha=config.alpha)
-    if name == "wsam":
+    if name == "wsam":  # the paper's decoupled form
         return sam_tf.WSAM(model, base, rho=config.rho, gamma=config.gamma)
-    if name == "looksam":
-        return sam_tf.LookSAM(base, rho=config.rho, k=config.k, alpha=config.alpha)
-    raise ValueError(f"optimizer {name!r} is not one of {common.OPTIMIZERS}")
+    # looksam, the last name resolve() lets through
+    return sam_tf.LookSAM(base, rho=config.rho, k=config.k, alpha=config.alpha)
 
 
 class TFTrainer:
@@ -153,7 +153,6 @@ class TFTrainer:
     checkpoint_name = "checkpoint.npz"
 
     def __init__(self, config: common.Config, dataset, total_steps: int):
-        self.config = config
         self.device = _resolve_device(config.device)
         self.precision = (("bf16" if self.device != "cpu" else "fp32")
                           if config.precision == "auto" else config.precision)
@@ -177,8 +176,23 @@ class TFTrainer:
             tf.TensorSpec(shape, tf.float32), tf.TensorSpec((None,), tf.int64)])
 
     def _step(self, x, labels):
-        """One training step: the model's ``train_step`` (for SAM :func:`sam_train_step`,
-        steps (1)-(5); for sgd Keras' one pass), which updates the pass-1 loss and accuracy."""
+        """One training step on one batch: the model's ``train_step``, compiled without XLA.
+
+        For a SAM variant that is :func:`sam_edu.tf.sam_train_step` (SAMModel)::
+
+            [bSAM: w <- w + n / sqrt(N s), a draw from its posterior; w is kept]
+            (1) g = grad L_B(w), pass 1: its loss, accuracy and BatchNorm statistics are kept
+            (2) optimizer.first_step: save w, move to w + e(w)
+                [LookSAM's cheap steps: the base step with d = g + alpha ||g||/||g_v|| g_v,
+                 and the step ends here]
+            (3) g_adv = grad L_B(w + e) on the same batch, pass 2; BatchNorm's statistics are
+                put back to their values after pass 1
+            (4) optimizer.second_step: restore w exactly, then
+            (5) the base step (:class:`SGD`) at w with the variant's direction d
+
+        For sgd it is Keras' own: one pass and the base step with ``g``. Either way the pass-1
+        loss and accuracy are added to the model's metrics, on the device.
+        """
         self.model.train_step((x, tf.one_hot(labels, self.num_classes)))
 
     def _sums(self, x, labels):
@@ -226,7 +240,7 @@ class TFTrainer:
     def save(self, path: Path, epoch: int) -> None:
         """Write the state and ``epoch`` to ``path`` (one ``.npz``, atomically)."""
         buffer = io.BytesIO()
-        arrays = {f"{i:04d}": keras.ops.convert_to_numpy(v) for i, v in enumerate(self._state())}
+        arrays = {str(i): keras.ops.convert_to_numpy(v) for i, v in enumerate(self._state())}
         np.savez(buffer, epoch=np.int64(epoch), **arrays)
         common.atomic_write(path, buffer.getvalue())
 
@@ -234,7 +248,7 @@ class TFTrainer:
         """Restore what :meth:`save` wrote into this trainer's model and optimizer; the epoch."""
         state = self._state()
         with np.load(path) as saved:
-            names = sorted(k for k in saved.files if k != "epoch")
+            names = sorted((k for k in saved.files if k != "epoch"), key=int)
             if len(names) != len(state):
                 raise ValueError(f"path: {path} holds {len(names)} arrays, this run's model and "
                                  f"optimizer have {len(state)}: another model or optimizer?")
