@@ -133,10 +133,16 @@ class TorchTrainer:
     # --- one step ---------------------------------------------------------------------------
 
     def _tensors(self, x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """An NHWC NumPy batch as an NCHW tensor on the device, and its labels."""
-        x = torch.from_numpy(x).permute(0, 3, 1, 2)
-        return (x.to(self._device, memory_format=self._memory_format),
-                torch.from_numpy(y).to(self._device))
+        """An NHWC NumPy batch as an NCHW tensor on the device, and its labels.
+
+        The permuted view is NCHW with channels-last strides: on the CPU it is copied to the
+        standard layout, on a GPU it stays channels-last and is copied from pinned memory, so
+        that the copy does not wait for the GPU to finish the previous step."""
+        x, y = torch.from_numpy(x).permute(0, 3, 1, 2), torch.from_numpy(y)
+        if self._device.type == "cuda":
+            x, y = x.pin_memory(), y.pin_memory()
+        return (x.to(self._device, memory_format=self._memory_format, non_blocking=True),
+                y.to(self._device, non_blocking=True))
 
     def _forward(self, x: torch.Tensor, y: torch.Tensor,
                  label_smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -148,7 +154,8 @@ class TorchTrainer:
         return loss, logits
 
     def _sgd_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Plain SGD: one gradient, one step ``w <- w - lr (momentum of g + weight_decay w)``."""
+        """Plain SGD, ``torch.optim.SGD``'s step: ``b <- momentum b + (g + weight_decay w)``,
+        ``w <- w - lr b`` (Nesterov: ``w <- w - lr (g + weight_decay w + momentum b)``)."""
         loss, logits = self._forward(x, y, self.config.label_smoothing)
         loss.backward()
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
