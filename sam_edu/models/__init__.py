@@ -53,29 +53,34 @@ MODELS = ("small-cnn", "resnet18", "wrn-16-8", "wrn-28-10")
 # depth and widen factor of the named Wide ResNets
 WIDE_RESNETS = {"wrn-16-8": (16, 8), "wrn-28-10": (28, 10)}
 
-__all__ = ["MODELS", "WIDE_RESNETS", "check_build_arguments", "check_wide_resnet_arguments"]
+__all__ = ["MODELS", "WIDE_RESNETS", "check_input_shape", "check_name", "check_num_classes",
+           "check_wide_resnet_arguments"]
 
 
-def check_build_arguments(name, input_shape, num_classes):
-    """Validate ``build``'s arguments; return ``input_shape`` as a tuple of three ints.
-
-    Raises ``ValueError`` naming the argument: an unknown ``name`` (the message lists
-    ``MODELS``), an ``input_shape`` that is not three positive ints ``(H, W, C)`` (small-cnn
-    needs ``H, W >= 2`` for its 2x2 max-pool), ``num_classes`` not an int >= 2.
-    """
+def check_name(name):
+    """Raise ``ValueError`` listing ``MODELS`` unless ``name`` is one of them."""
     if name not in MODELS:
         raise ValueError(f"name must be one of {', '.join(map(repr, MODELS))}; got {name!r}")
+
+
+def check_input_shape(input_shape, min_size=1):
+    """Return ``input_shape`` as a tuple of three ints ``(H, W, C)``, all positive and
+    ``H, W >= min_size``; else raise ``ValueError`` naming ``input_shape``."""
     shape = tuple(input_shape) if isinstance(input_shape, (tuple, list)) else ()
     if len(shape) != 3 or not all(
             isinstance(d, numbers.Integral) and not isinstance(d, bool) and d > 0 for d in shape):
         raise ValueError(f"input_shape must be three positive ints (H, W, C); got {input_shape!r}")
-    if name == "small-cnn" and min(shape[:2]) < 2:
-        raise ValueError(f"input_shape: small-cnn's 2x2 max-pool needs H, W >= 2; got "
+    if min(shape[:2]) < min_size:
+        raise ValueError(f"input_shape must have H, W >= {min_size} for this model; got "
                          f"{input_shape!r}")
+    return tuple(int(d) for d in shape)
+
+
+def check_num_classes(num_classes):
+    """Raise ``ValueError`` unless ``num_classes`` is an int >= 2."""
     if not isinstance(num_classes, numbers.Integral) or isinstance(num_classes, bool) \
             or num_classes < 2:
         raise ValueError(f"num_classes must be an int >= 2; got {num_classes!r}")
-    return tuple(int(d) for d in shape)
 
 
 def check_wide_resnet_arguments(depth, widen_factor):

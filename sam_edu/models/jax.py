@@ -15,13 +15,20 @@ BatchNorm reduces in float32. Submodule names (``conv1``, ``bn1``, ``layer2_0`` 
 ``fc``) match the PyTorch and Keras versions.
 """
 
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sam_edu.models import WIDE_RESNETS, check_build_arguments, check_wide_resnet_arguments
+from sam_edu.models import (
+    WIDE_RESNETS,
+    check_input_shape,
+    check_name,
+    check_num_classes,
+    check_wide_resnet_arguments,
+)
 
 __all__ = ["BasicBlock", "ResNet18", "SmallCNN", "WideBasicBlock", "WideResNet", "build",
            "count_params", "resnet18", "small_cnn", "wide_resnet"]
@@ -151,28 +158,31 @@ class WideResNet(nn.Module):
 def small_cnn(input_shape=(32, 32, 3), num_classes=10, *, dtype=None):
     """The small CNN; ``input_shape`` ``(H, W, C)`` is only checked (flax infers shapes at
     ``init``); ``dtype``: compute dtype, float32 if None."""
-    check_build_arguments("small-cnn", input_shape, num_classes)
-    return SmallCNN(num_classes, dtype or jnp.float32)
+    check_input_shape(input_shape, min_size=2)  # H, W >= 2 for the max-pool
+    check_num_classes(num_classes)
+    return SmallCNN(num_classes, jnp.float32 if dtype is None else dtype)
 
 
 def resnet18(input_shape=(32, 32, 3), num_classes=10, *, dtype=None):
     """ResNet-18 (CIFAR form); arguments as for :func:`small_cnn`."""
-    check_build_arguments("resnet18", input_shape, num_classes)
-    return ResNet18(num_classes, dtype or jnp.float32)
+    check_input_shape(input_shape)
+    check_num_classes(num_classes)
+    return ResNet18(num_classes, jnp.float32 if dtype is None else dtype)
 
 
 def wide_resnet(depth, widen_factor, input_shape=(32, 32, 3), num_classes=10, *, dtype=None):
     """WRN-``depth``-``widen_factor``; other arguments as for :func:`small_cnn`."""
-    check_build_arguments("wrn-16-8", input_shape, num_classes)
+    check_input_shape(input_shape)
+    check_num_classes(num_classes)
     check_wide_resnet_arguments(depth, widen_factor)
-    return WideResNet(depth, widen_factor, num_classes, dtype or jnp.float32)
+    return WideResNet(depth, widen_factor, num_classes, jnp.float32 if dtype is None else dtype)
 
 
 def build(name, input_shape=(32, 32, 3), num_classes=10, *, dtype=None):
     """The model ``name`` (one of ``sam_edu.models.MODELS``) as a ``flax.linen.Module`` called
     as ``model.apply(variables, x_nhwc, train=...)``. ``dtype``: compute dtype (e.g.
     ``jnp.bfloat16``), float32 if None; parameters stay float32."""
-    check_build_arguments(name, input_shape, num_classes)
+    check_name(name)
     if name == "small-cnn":
         return small_cnn(input_shape, num_classes, dtype=dtype)
     if name == "resnet18":
@@ -184,6 +194,6 @@ def count_params(params):
     """The number of trainable parameters: the leaves of ``params``, or of ``params["params"]``
     when given all the variables (``batch_stats`` are not trained). Works on the shapes that
     ``jax.eval_shape(model.init, ...)`` returns, so a big model can be counted unallocated."""
-    if "params" in params:
+    if isinstance(params, Mapping) and "params" in params:
         params = params["params"]
     return sum(leaf.size for leaf in jax.tree_util.tree_leaves(params))

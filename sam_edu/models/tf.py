@@ -20,7 +20,9 @@ from keras import layers  # noqa: E402
 
 from sam_edu.models import (  # noqa: E402
     WIDE_RESNETS,
-    check_build_arguments,
+    check_input_shape,
+    check_name,
+    check_num_classes,
     check_wide_resnet_arguments,
 )
 
@@ -58,7 +60,8 @@ def _classifier(x, num_classes, dtype):
 def small_cnn(input_shape=(32, 32, 3), num_classes=10, *, dtype=None):
     """The small CNN: conv3x3(32)-BN-ReLU, conv3x3(64)-BN-ReLU, 2x2 max-pool,
     conv3x3(128)-BN-ReLU, global average pool, linear."""
-    input_shape = check_build_arguments("small-cnn", input_shape, num_classes)
+    input_shape = check_input_shape(input_shape, min_size=2)  # H, W >= 2 for the max-pool
+    check_num_classes(num_classes)
     inputs = keras.Input(input_shape)
     x = _relu(_batch_norm(_conv(inputs, 32, 3, 1, "conv1", dtype), "bn1", dtype), dtype)
     x = _relu(_batch_norm(_conv(x, 64, 3, 1, "conv2", dtype), "bn2", dtype), dtype)
@@ -83,7 +86,8 @@ def _basic_block(x, filters, stride, name, dtype):
 def resnet18(input_shape=(32, 32, 3), num_classes=10, *, dtype=None):
     """ResNet-18, CIFAR form: 3x3 stride-1 stem, no max-pool, stages of 2 basic blocks with 64,
     128, 256, 512 channels (stages 2-4 start with stride 2), global average pool, linear."""
-    input_shape = check_build_arguments("resnet18", input_shape, num_classes)
+    input_shape = check_input_shape(input_shape)
+    check_num_classes(num_classes)
     inputs = keras.Input(input_shape)
     x = _relu(_batch_norm(_conv(inputs, 64, 3, 1, "conv1", dtype), "bn1", dtype), dtype)
     for stage, filters in enumerate((64, 128, 256, 512), start=1):
@@ -109,7 +113,8 @@ def wide_resnet(depth, widen_factor, input_shape=(32, 32, 3), num_classes=10, *,
     """WRN-``depth``-``widen_factor``: 3x3 stem conv (16 channels), three groups of
     (depth - 4) / 6 wide basic blocks with 16k, 32k, 64k channels (groups 2 and 3 start with
     stride 2), BN-ReLU, global average pool, linear."""
-    input_shape = check_build_arguments("wrn-16-8", input_shape, num_classes)
+    input_shape = check_input_shape(input_shape)
+    check_num_classes(num_classes)
     blocks_per_group = check_wide_resnet_arguments(depth, widen_factor)
     inputs = keras.Input(input_shape)
     x = _conv(inputs, 16, 3, 1, "conv1", dtype)
@@ -126,7 +131,7 @@ def build(name, input_shape=(32, 32, 3), num_classes=10, *, dtype=None):
     """The model ``name`` (one of ``sam_edu.models.MODELS``) as a functional ``keras.Model``
     taking NHWC input. ``dtype``: a Keras dtype policy for every layer (e.g.
     ``"mixed_bfloat16"``), None for the global policy."""
-    check_build_arguments(name, input_shape, num_classes)
+    check_name(name)
     if name == "small-cnn":
         return small_cnn(input_shape, num_classes, dtype=dtype)
     if name == "resnet18":

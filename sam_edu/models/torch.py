@@ -10,7 +10,13 @@ match the flax and Keras versions, with ``_`` for ``.`` there.
 import torch
 from torch import nn
 
-from sam_edu.models import WIDE_RESNETS, check_build_arguments, check_wide_resnet_arguments
+from sam_edu.models import (
+    WIDE_RESNETS,
+    check_input_shape,
+    check_name,
+    check_num_classes,
+    check_wide_resnet_arguments,
+)
 
 __all__ = ["BasicBlock", "ResNet18", "SmallCNN", "WideBasicBlock", "WideResNet", "build",
            "count_params", "resnet18", "small_cnn", "wide_resnet"]
@@ -60,8 +66,10 @@ class BasicBlock(nn.Module):
 
     def __init__(self, in_channels, out_channels, stride):
         super().__init__()
-        self.conv1, self.bn1 = _conv(in_channels, out_channels, 3, stride), _batch_norm(out_channels)
-        self.conv2, self.bn2 = _conv(out_channels, out_channels, 3), _batch_norm(out_channels)
+        self.conv1 = _conv(in_channels, out_channels, 3, stride)
+        self.bn1 = _batch_norm(out_channels)
+        self.conv2 = _conv(out_channels, out_channels, 3)
+        self.bn2 = _batch_norm(out_channels)
         self.shortcut_conv = self.shortcut_bn = None
         if stride != 1 or in_channels != out_channels:
             self.shortcut_conv = _conv(in_channels, out_channels, 1, stride)
@@ -143,27 +151,30 @@ class WideResNet(nn.Module):
 
 def small_cnn(input_shape=(32, 32, 3), num_classes=10):
     """The small CNN for ``input_shape`` ``(H, W, C)``, He-initialised."""
-    input_shape = check_build_arguments("small-cnn", input_shape, num_classes)
-    return _he_init(SmallCNN(input_shape[2], num_classes))
+    channels = check_input_shape(input_shape, min_size=2)[2]  # H, W >= 2 for the max-pool
+    check_num_classes(num_classes)
+    return _he_init(SmallCNN(channels, num_classes))
 
 
 def resnet18(input_shape=(32, 32, 3), num_classes=10):
     """ResNet-18 (CIFAR form) for ``input_shape`` ``(H, W, C)``, He-initialised."""
-    input_shape = check_build_arguments("resnet18", input_shape, num_classes)
-    return _he_init(ResNet18(input_shape[2], num_classes))
+    channels = check_input_shape(input_shape)[2]
+    check_num_classes(num_classes)
+    return _he_init(ResNet18(channels, num_classes))
 
 
 def wide_resnet(depth, widen_factor, input_shape=(32, 32, 3), num_classes=10):
     """WRN-``depth``-``widen_factor`` for ``input_shape`` ``(H, W, C)``, He-initialised."""
-    input_shape = check_build_arguments("wrn-16-8", input_shape, num_classes)
-    return _he_init(WideResNet(depth, widen_factor, input_shape[2], num_classes))
+    channels = check_input_shape(input_shape)[2]
+    check_num_classes(num_classes)
+    return _he_init(WideResNet(depth, widen_factor, channels, num_classes))
 
 
 def build(name, input_shape=(32, 32, 3), num_classes=10, *, dtype=None):
     """The model ``name`` (one of ``sam_edu.models.MODELS``) as an ``nn.Module`` taking NCHW
     input. ``dtype``: the parameters' dtype, float32 if None (use ``torch.autocast`` for mixed
     precision, not this)."""
-    check_build_arguments(name, input_shape, num_classes)
+    check_name(name)
     if name == "small-cnn":
         model = small_cnn(input_shape, num_classes)
     elif name == "resnet18":
