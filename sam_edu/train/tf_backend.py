@@ -167,9 +167,9 @@ class TFTrainer:
                 optimizer=self.optimizer,
                 loss=keras.losses.CategoricalCrossentropy(
                     from_logits=True, label_smoothing=config.label_smoothing),
-                metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
-                jit_compile=False)
+                metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")])
             self.optimizer.build(self.model.trainable_variables)
+        # no XLA: it would compile away the optimizers' checks for non-finite gradients
         self._train_step = tf.function(self._step, jit_compile=False)
         shape = (None, *dataset.input_shape)
         self._eval_step = tf.function(self._sums, jit_compile=False, input_signature=[
