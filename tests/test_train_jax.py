@@ -1,12 +1,12 @@
 """The JAX backend of ``python -m sam_edu.train`` (sam_edu/train/jax_backend.py).
 
-XLA compiles one step per optimizer and configuration, which dominates the time on a CPU. Most
-tests share one small run (``RUN``: 192 digits, batches of 64, 3 steps an epoch, 2 epochs) so
-that a step compiled once is found again in a persistent compilation cache for this module (a
-temporary directory, restored afterwards).
+XLA compiles one step per optimizer and configuration, which dominates the time on a CPU. So the
+tests share one run (``RUN``: the digits, batches of 64, 19 steps an epoch, 2 epochs) and keep
+compiled steps in a persistent compilation cache (under pytest's cache directory): an equal step
+is compiled once, in this process, in the CLI's subprocess and in the next session. Every step
+in this process counts its forward/backward passes (``passes``), so they all compile alike.
 """
 
-import dataclasses
 import json
 import math
 import os
@@ -30,8 +30,8 @@ from sam_edu.train.jax_backend import JaxTrainer, cross_entropy, schedule_positi
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = dict(framework="jax", dataset="digits", model="small-cnn", epochs=2, batch_size=64,
-           num_train=192, num_test=200, weight_decay=0.01, label_smoothing=0.1, progress=False)
-STEPS, TOTAL = 3, 6  # per epoch, in the run
+           weight_decay=0.01, label_smoothing=0.1, progress=False)
+STEPS, TOTAL = 19, 38  # per epoch (1257 // 64), in the run
 FIELDS = {"epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "lr", "seconds",
           "images_per_second", "device", "precision"}
 CACHE_OPTIONS = {"jax_persistent_cache_min_compile_time_secs": 0.0,
@@ -39,11 +39,11 @@ CACHE_OPTIONS = {"jax_persistent_cache_min_compile_time_secs": 0.0,
 
 
 @pytest.fixture(scope="module", autouse=True)
-def compilation_cache_dir(tmp_path_factory):
-    """Compiled steps kept on disk, so that equal runs (and the CLI subprocess) reuse them."""
-    directory = tmp_path_factory.mktemp("jax_cache")
-    before = {name: getattr(jax.config, name) for name in CACHE_OPTIONS}
-    before_dir = jax.config.jax_compilation_cache_dir
+def compilation_cache_dir(request):
+    """Compiled steps kept on disk for this module; JAX's settings restored afterwards."""
+    directory = request.config.cache.mkdir("jax_compilation_cache")
+    before = {name: getattr(jax.config, name)
+              for name in (*CACHE_OPTIONS, "jax_compilation_cache_dir")}
     for name, value in CACHE_OPTIONS.items():
         jax.config.update(name, value)
     compilation_cache.set_cache_dir(str(directory))
@@ -51,8 +51,21 @@ def compilation_cache_dir(tmp_path_factory):
     yield directory
     for name, value in before.items():
         jax.config.update(name, value)
-    jax.config.update("jax_compilation_cache_dir", before_dir)
     compilation_cache.reset_cache()
+
+
+@pytest.fixture(autouse=True)
+def passes(monkeypatch):
+    """The forward/backward passes run so far, counted as they run (a callback in the step)."""
+    count = []
+    loss = JaxTrainer._loss
+
+    def counting(self, *args):
+        jax.debug.callback(lambda: count.append(1))
+        return loss(self, *args)
+
+    monkeypatch.setattr(JaxTrainer, "_loss", counting)
+    return count
 
 
 def _config(**changes) -> Config:
@@ -78,23 +91,10 @@ def trainers(monkeypatch):
     return built
 
 
-@pytest.fixture
-def passes(monkeypatch):
-    """Count forward/backward passes as they run (a callback in the compiled step)."""
-    count = []
-    loss = JaxTrainer._loss
-
-    def counting(self, *args):
-        jax.debug.callback(lambda: count.append(1))
-        return loss(self, *args)
-
-    monkeypatch.setattr(JaxTrainer, "_loss", counting)
-    return count
-
-
-def _without_clock(records):
-    return [{k: v for k, v in r.items() if k not in ("seconds", "images_per_second")}
-            for r in records]
+def _plain(tree):
+    """NumPy leaves; typed PRNG keys as their data."""
+    return jax.tree.map(lambda x: np.asarray(jax.random.key_data(x))
+                        if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else np.asarray(x), tree)
 
 
 def _tree_equal(a, b) -> bool:
@@ -105,10 +105,9 @@ def _tree_equal(a, b) -> bool:
                                                          jax.tree.leaves(b))))
 
 
-def _plain(tree):
-    """NumPy leaves; typed PRNG keys as their data."""
-    return jax.tree.map(lambda x: np.asarray(jax.random.key_data(x))
-                        if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else np.asarray(x), tree)
+def _without_clock(records):
+    return [{k: v for k, v in r.items() if k not in ("seconds", "images_per_second")}
+            for r in records]
 
 
 def _check_records(records, config):
@@ -123,44 +122,37 @@ def _check_records(records, config):
 
 # --- end to end through common.train, resuming, checkpoints ------------------------------------
 
-class Crash(Exception):
-    pass
+def _passes(optimizer, steps):
+    """Forward/backward passes of ``steps``: 2 a step for a SAM variant, 1 for SGD, LookSAM
+    (k = 2) 2 on its SAM steps (t mod 2 == 0) and 1 on the others."""
+    if optimizer == "looksam":
+        return sum(2 if t % 2 == 0 else 1 for t in steps)
+    return len(steps) * (1 if optimizer == "sgd" else 2)
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "sam", "looksam", "bsam"])
-def test_resume_equals_an_uninterrupted_run(optimizer, tmp_path, monkeypatch, trainers, passes):
+def test_resume_equals_an_uninterrupted_run(optimizer, tmp_path, trainers, passes):
+    """2 epochs straight == 1 epoch (``stop_after=1``), then ``resume``; LookSAM (k = 2, 19
+    steps an epoch) resumes mid-cycle. Also: the records, learning, the passes, the checkpoint."""
     run = {**RUN, "optimizer": optimizer, **({"k": 2} if optimizer == "looksam" else {})}
+    config = resolve(Config(**run))
     straight = train(out=str(tmp_path / "a"), **run)
-    _check_records(straight, resolve(Config(**run)))
-    per_pass = {"sgd": 1, "sam": 2, "bsam": 2}
-    # LookSAM with k = 2: SAM steps 0, 2, 4 take two passes, steps 1, 3, 5 one
-    assert len(passes) == (9 if optimizer == "looksam" else TOTAL * per_pass[optimizer])
+    _check_records(straight, config)
+    if optimizer in ("sgd", "sam"):
+        assert straight[-1]["test_accuracy"] > 0.5, straight  # it learns (10 classes)
+    assert len(passes) == _passes(optimizer, range(TOTAL))
 
-    # a crash during epoch 2 (k = 2 and 3 steps an epoch: LookSAM resumes mid-cycle)
-    with monkeypatch.context() as patch:
-        epoch = JaxTrainer.train_epoch
-        calls = []
-
-        def crashing(self, batches):
-            calls.append(1)
-            if len(calls) == 2:
-                raise Crash
-            return epoch(self, batches)
-
-        patch.setattr(JaxTrainer, "train_epoch", crashing)
-        with pytest.raises(Crash):
-            train(out=str(tmp_path / "b"), **run)
+    train(out=str(tmp_path / "b"), stop_after=1, **run)
     del passes[:]
     resumed = train(out=str(tmp_path / "b"), resume=True, **run)
-    # steps 3, 4, 5: cheap, SAM, cheap for LookSAM
-    assert len(passes) == (4 if optimizer == "looksam" else STEPS * per_pass[optimizer])
+    assert len(passes) == _passes(optimizer, range(STEPS, TOTAL))
     assert _without_clock(resumed) == _without_clock(straight)
-    name = trainers[0].checkpoint_name
+    name = JaxTrainer.checkpoint_name
     assert (tmp_path / "b" / name).read_bytes() == (tmp_path / "a" / name).read_bytes()
     assert _tree_equal(trainers[-1]._state, trainers[0]._state)
 
     # the checkpoint holds everything: a fresh trainer loads the full state back
-    fresh = JaxTrainer(resolve(Config(**run)), common.load_data(resolve(Config(**run))), TOTAL)
+    fresh = JaxTrainer(config, common.load_data(config), TOTAL)
     assert not _tree_equal(fresh._state.opt_state, trainers[0]._state.opt_state)
     assert fresh.load(tmp_path / "a" / name) == 2
     assert _tree_equal(fresh._state, trainers[0]._state)
@@ -190,16 +182,15 @@ def test_cli_writes_the_run(tmp_path, compilation_cache_dir):
     out = tmp_path / "run"
     env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(compilation_cache_dir),
            **{name.upper(): str(value) for name, value in CACHE_OPTIONS.items()}}
-    flags = ["--framework", "jax", "--optimizer", "sgd", "--epochs", "2", "--batch-size", "64",
-             "--num-train", "192", "--num-test", "200", "--weight-decay", "0.01",
-             "--label-smoothing", "0.1", "--no-progress", "--out", str(out)]
+    flags = ["--framework", "jax", "--optimizer", "sgd", "--epochs", "1", "--batch-size", "128",
+             "--num-train", "256", "--num-test", "100", "--no-progress", "--out", str(out)]
     result = subprocess.run([sys.executable, "-m", "sam_edu.train", *flags], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert json.loads((out / "config.json").read_text())["framework"] == "jax"
-    assert len((out / "log.jsonl").read_text().splitlines()) == 2
+    assert len((out / "log.jsonl").read_text().splitlines()) == 1
     saved = serialization.msgpack_restore((out / JaxTrainer.checkpoint_name).read_bytes())
-    assert saved["epoch"] == 2
+    assert saved["epoch"] == 1
 
 
 # --- one step through the trainer == the same step written by hand -----------------------------
@@ -220,14 +211,14 @@ def _start(config, digits):
     return model, variables["params"], variables["batch_stats"]
 
 
-def _first_epoch(config, digits):
-    return list(common.epoch_batches(config, digits, 1))
+def _first_steps(config, digits, n=3):
+    """The first ``n`` batches of the run."""
+    return list(common.epoch_batches(config, digits, 1))[:n]
 
 
-def _trainer_epoch(config, digits):
+def _trainer_steps(config, digits):
     trainer = JaxTrainer(config, digits, TOTAL)
-    stats = trainer.train_epoch(iter(_first_epoch(config, digits)))
-    return trainer, stats
+    return trainer, trainer.train_epoch(iter(_first_steps(config, digits)))
 
 
 def _assert_close(actual, expected):
@@ -235,31 +226,31 @@ def _assert_close(actual, expected):
         np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "sam"])
-def test_sgd_and_sam_steps_written_out(optimizer, digits):
-    """SAM's step (1)-(5) by hand: momentum, coupled L2 in the base step only, cosine lr."""
-    config = _config(optimizer=optimizer)
+def test_sam_steps_written_out(digits):
+    """SAM's steps (1)-(5) by hand: momentum, L2 added in the base step only (never in e), the
+    cosine lr, BatchNorm statistics of pass 1, label smoothing in the loss."""
+    config = _config(optimizer="sam")
     model, w, stats = _start(config, digits)
     grad = jax.value_and_grad(_hand_loss, argnums=1, has_aux=True)
     buffer, losses = None, []
-    for t, (x, y) in enumerate(_first_epoch(config, digits)):
+    for t, (x, y) in enumerate(_first_steps(config, digits)):
         (loss, pass_one_stats), g = grad(model, w, stats, x, y, config.label_smoothing)
-        if optimizer == "sam":
-            norm = jnp.sqrt(sum(jnp.sum(v * v) for v in jax.tree.leaves(g)))
-            e = jax.tree.map(lambda v: config.rho * v / (norm + 1e-12), g)
-            g = grad(model, jax.tree.map(jnp.add, w, e), stats, x, y,
-                     config.label_smoothing)[1]
-        d = jax.tree.map(lambda gi, wi: gi + config.weight_decay * wi, g, w)  # L2, coupled
+        norm = jnp.sqrt(sum(jnp.sum(v * v) for v in jax.tree.leaves(g)))
+        e = jax.tree.map(lambda v: config.rho * v / (norm + 1e-12), g)
+        (_, pass_two_stats), g_adv = grad(model, jax.tree.map(jnp.add, w, e), stats, x, y,
+                                          config.label_smoothing)
+        d = jax.tree.map(lambda ga, wi: ga + config.weight_decay * wi, g_adv, w)  # coupled L2
         buffer = d if buffer is None else jax.tree.map(lambda b, di: 0.9 * b + di, buffer, d)
-        lr = cosine_lr(t, TOTAL, config.lr)
-        w = jax.tree.map(lambda wi, b: wi - lr * b, w, buffer)
-        stats, losses = pass_one_stats, losses + [loss]
-    trainer, record = _trainer_epoch(config, digits)
+        w = jax.tree.map(lambda wi, b: wi - cosine_lr(t, TOTAL, config.lr) * b, w, buffer)
+        stats, losses = pass_one_stats, losses + [float(loss)]
+    trainer, record = _trainer_steps(config, digits)
     _assert_close(trainer._state.params, w)
-    _assert_close(trainer._state.batch_stats, stats)  # BatchNorm: pass 1's statistics
+    _assert_close(trainer._state.batch_stats, stats)  # BatchNorm: pass 1's statistics ...
+    with pytest.raises(AssertionError):  # ... which differ from pass 2's beyond the tolerance
+        _assert_close(trainer._state.batch_stats, pass_two_stats)
     assert record["loss"] == pytest.approx(np.mean(losses), rel=1e-5)  # label smoothing
     assert record["skipped_steps"] == 0
-    assert trainer.lr() == pytest.approx(cosine_lr(STEPS, TOTAL, config.lr), abs=1e-7)
+    assert trainer.lr() == pytest.approx(cosine_lr(3, TOTAL, config.lr), abs=1e-7)
 
 
 def _hand_optimizer(config, num_data):
@@ -284,14 +275,19 @@ def _hand_optimizer(config, num_data):
                                      dict(optimizer="wsam"),
                                      dict(optimizer="looksam", k=2),
                                      dict(optimizer="bsam")])
-def test_variant_steps_equal_a_hand_written_loop(changes, digits):
-    """Three steps with the sam_edu optimizer, the loop written by hand, pass-1 statistics."""
+def test_variant_steps_equal_a_hand_written_loop(changes, digits, passes):
+    """Each of three steps through the trainer == the same step written by hand with the sam_edu
+    optimizer, from the trainer's state before it: weights, optimizer state (bSAM: the same
+    noise), pass-1 BatchNorm statistics, loss; LookSAM's passes. (From the trainer's state, so
+    that rounding cannot flip a ReLU or a max-pool tie between the two over several steps.)"""
     config = _config(**changes)
-    model, w, stats = _start(config, digits)
+    model, _, _ = _start(config, digits)
     opt = _hand_optimizer(config, len(digits.y_train))
-    state = opt.init(w)
-    losses = []
-    for x, y in _first_epoch(config, digits):
+    trainer = JaxTrainer(config, digits, TOTAL)
+    passes_per_step = []
+    for x, y in _first_steps(config, digits):
+        w, stats, state = jax.tree.map(jnp.copy, trainer._state)
+
         def grad_fn(p):
             return jax.grad(_hand_loss, argnums=1, has_aux=True)(
                 model, p, stats, x, y, config.label_smoothing)[0]
@@ -299,27 +295,20 @@ def test_variant_steps_equal_a_hand_written_loop(changes, digits):
         if config.optimizer == "bsam":  # pass 1 at the noisy point, with the optimizer's noise
             noise = optax.tree_utils.tree_random_like(jax.random.split(state.key)[1], w)
             at = sam_jax.posterior_sample(w, state.precision, noise, len(digits.y_train))
-            loss, new_stats = _hand_loss(model, at, stats, x, y, config.label_smoothing)
+            loss, stats_1 = _hand_loss(model, at, stats, x, y, config.label_smoothing)
             updates, state = opt.update(None, state, w, grad_fn=grad_fn, noise=noise)
         else:
-            (loss, new_stats), g = jax.value_and_grad(_hand_loss, argnums=1, has_aux=True)(
+            (loss, stats_1), g = jax.value_and_grad(_hand_loss, argnums=1, has_aux=True)(
                 model, w, stats, x, y, config.label_smoothing)
             updates, state = opt.update(g, state, w, grad_fn=grad_fn)
-        w, stats, losses = optax.apply_updates(w, updates), new_stats, losses + [loss]
-    trainer, record = _trainer_epoch(config, digits)
-    _assert_close(trainer._state.params, w)
-    _assert_close(trainer._state.batch_stats, stats)
-    _assert_close(_plain(trainer._state.opt_state), _plain(state))
-    assert record["loss"] == pytest.approx(np.mean(losses), rel=1e-5)
-
-
-def test_looksam_makes_one_pass_plus_one_every_k_steps(digits, passes):
-    trainer = JaxTrainer(_config(optimizer="looksam", k=2), digits, TOTAL)
-    counts = []
-    for x, y in _first_epoch(trainer.config, digits):
-        trainer.train_epoch(iter([(x, y)]))
-        counts.append(len(passes))
-    assert np.diff([0] + counts).tolist() == [2, 1, 2]  # SAM, cheap, SAM
+        before = len(passes)
+        record = trainer.train_epoch(iter([(x, y)]))
+        passes_per_step.append(len(passes) - before)
+        _assert_close(trainer._state.params, optax.apply_updates(w, updates))
+        _assert_close(trainer._state.batch_stats, stats_1)
+        _assert_close(_plain(trainer._state.opt_state), _plain(state))
+        assert record["loss"] == pytest.approx(float(loss), rel=1e-5)
+    assert passes_per_step == ([2, 1, 2] if config.optimizer == "looksam" else [2, 2, 2])
 
 
 # --- smaller properties ------------------------------------------------------------------------
@@ -334,38 +323,30 @@ def test_label_smoothing_targets():
 
 def test_a_non_finite_step_is_skipped_and_counted(digits):
     trainer = JaxTrainer(_config(optimizer="sam"), digits, TOTAL)
-    x, y = _first_epoch(trainer.config, digits)[0]
+    x, y = _first_steps(trainer.config, digits)[0]
     before = _plain(trainer._state)
-    record = trainer.train_epoch(iter([(np.full_like(x, np.nan), y)]))
-    assert record["skipped_steps"] == 1
+    assert trainer.train_epoch(iter([(np.full_like(x, np.nan), y)]))["skipped_steps"] == 1
     after = _plain(trainer._state)
     assert _tree_equal(after.params, before.params)
     assert _tree_equal(after.batch_stats, before.batch_stats)  # no NaN in the statistics
-    assert trainer.lr() == trainer.config.lr  # the schedule did not move
+    assert trainer.lr() == pytest.approx(trainer.config.lr)  # the schedule did not move
     assert trainer.train_epoch(iter([(x, y)]))["skipped_steps"] == 1  # a running total
-
-
-def test_learning_sgd_and_sam_beat_chance_clearly():
-    for optimizer in ("sgd", "sam"):
-        records = train(**{**RUN, "optimizer": optimizer, "num_train": None, "epochs": 3})
-        assert records[-1]["test_accuracy"] > 0.5, (optimizer, records)
 
 
 def test_bf16_runs_a_step_on_the_cpu(digits):
     trainer = JaxTrainer(_config(optimizer="sgd", precision="bf16"), digits, TOTAL)
     assert trainer.precision == "bf16"
-    record = trainer.train_epoch(iter(_first_epoch(trainer.config, digits)[:1]))
+    record = trainer.train_epoch(iter(_first_steps(trainer.config, digits, 1)))
     assert math.isfinite(record["loss"])
-    dtypes = {x.dtype for x in jax.tree.leaves(trainer._state)}
+    dtypes = {x.dtype for x in jax.tree.leaves(trainer._state)}  # weights, state: float32
     assert dtypes <= {jnp.dtype(jnp.float32), jnp.dtype(jnp.int32), jnp.dtype(bool)}
 
 
-def test_device_and_precision():
-    trainer = JaxTrainer(_config(optimizer="sgd"), common.load_data(_config()), TOTAL)
-    expected = "cpu" if jax.default_backend() == "cpu" else "gpu:0"
-    assert trainer.device == expected
-    assert trainer.precision == ("fp32" if expected == "cpu" else "bf16")
-    if jax.default_backend() == "cpu":
+def test_device_and_precision(digits):
+    trainer = JaxTrainer(_config(optimizer="sgd"), digits, TOTAL)
+    on_gpu = jax.default_backend() == "gpu"
+    assert (trainer.device, trainer.precision) == (("gpu:0", "bf16") if on_gpu else
+                                                   ("cpu", "fp32"))
+    if not on_gpu:
         with pytest.raises(ValueError, match="device"):
-            JaxTrainer(_config(optimizer="sgd", device="gpu"), common.load_data(_config()),
-                       TOTAL)
+            JaxTrainer(_config(optimizer="sgd", device="gpu"), digits, TOTAL)
