@@ -1,7 +1,7 @@
 """The JAX backend of ``python -m sam_edu.train`` (sam_edu/train/jax_backend.py).
 
 XLA compiles one step per optimizer and configuration, which dominates the time on a CPU. So the
-tests share one run (``RUN``: the digits, batches of 64, 19 steps an epoch, 2 epochs) and keep
+tests share one run per optimizer (``RUN``: the digits, batches of 64, 2 epochs) and keep
 compiled steps in a persistent compilation cache (under pytest's cache directory): an equal step
 is compiled once, in this process, in the CLI's subprocess and in the next session. Every step
 in this process counts its forward/backward passes (``passes``), so they all compile alike.
@@ -31,7 +31,10 @@ from sam_edu.train.jax_backend import JaxTrainer, cross_entropy, schedule_positi
 ROOT = Path(__file__).resolve().parents[1]
 RUN = dict(framework="jax", dataset="digits", model="small-cnn", epochs=2, batch_size=64,
            weight_decay=0.01, label_smoothing=0.1, progress=False)
-STEPS, TOTAL = 19, 38  # per epoch (1257 // 64), in the run
+# the options of each optimizer's run; LookSAM and bSAM, whose steps cost most on a CPU, train
+# on 320 images (5 steps an epoch: LookSAM with k = 2 resumes mid-cycle), the others on all 1257
+OPTIONS = {"gsam": dict(rho_min=0.01), "looksam": dict(k=2, num_train=320),
+           "bsam": dict(num_train=320)}
 FIELDS = {"epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "lr", "seconds",
           "images_per_second", "device", "precision"}
 CACHE_OPTIONS = {"jax_persistent_cache_min_compile_time_secs": 0.0,
@@ -68,13 +71,24 @@ def passes(monkeypatch):
     return count
 
 
-def _config(**changes) -> Config:
-    return resolve(Config(**{**RUN, **changes}))
+def _config(optimizer, **changes) -> Config:
+    return resolve(Config(**{**RUN, "optimizer": optimizer, **OPTIONS.get(optimizer, {}),
+                             **changes}))
+
+
+def _steps(config) -> tuple[int, int]:
+    """Steps per epoch and in the run."""
+    steps = common.steps_per_epoch(config, len(common.load_data(config).y_train))
+    return steps, steps * config.epochs
+
+
+def _trainer(config) -> JaxTrainer:
+    return JaxTrainer(config, common.load_data(config), _steps(config)[1])
 
 
 @pytest.fixture(scope="module")
 def digits():
-    return common.load_data(_config())
+    return common.load_data(_config("sgd"))
 
 
 @pytest.fixture
@@ -116,7 +130,8 @@ def _check_records(records, config):
         assert set(r) == FIELDS
         assert all(math.isfinite(r[k]) for k in FIELDS - {"device", "precision"})
         assert (r["device"], r["precision"]) == ("cpu", "fp32")
-        assert r["lr"] == pytest.approx(cosine_lr(r["epoch"] * STEPS, TOTAL, config.lr),
+        steps, total = _steps(config)
+        assert r["lr"] == pytest.approx(cosine_lr(r["epoch"] * steps, total, config.lr),
                                         abs=1e-7)
 
 
@@ -134,46 +149,46 @@ def _passes(optimizer, steps):
 def test_resume_equals_an_uninterrupted_run(optimizer, tmp_path, trainers, passes):
     """2 epochs straight == 1 epoch (``stop_after=1``), then ``resume``; LookSAM (k = 2, 19
     steps an epoch) resumes mid-cycle. Also: the records, learning, the passes, the checkpoint."""
-    run = {**RUN, "optimizer": optimizer, **({"k": 2} if optimizer == "looksam" else {})}
+    run = {**RUN, "optimizer": optimizer, **OPTIONS.get(optimizer, {})}
     config = resolve(Config(**run))
+    steps, total = _steps(config)
     straight = train(out=str(tmp_path / "a"), **run)
     _check_records(straight, config)
     if optimizer in ("sgd", "sam"):
         assert straight[-1]["test_accuracy"] > 0.5, straight  # it learns (10 classes)
-    assert len(passes) == _passes(optimizer, range(TOTAL))
+    assert len(passes) == _passes(optimizer, range(total))
 
     train(out=str(tmp_path / "b"), stop_after=1, **run)
     del passes[:]
     resumed = train(out=str(tmp_path / "b"), resume=True, **run)
-    assert len(passes) == _passes(optimizer, range(STEPS, TOTAL))
+    assert len(passes) == _passes(optimizer, range(steps, total))
     assert _without_clock(resumed) == _without_clock(straight)
     name = JaxTrainer.checkpoint_name
     assert (tmp_path / "b" / name).read_bytes() == (tmp_path / "a" / name).read_bytes()
     assert _tree_equal(trainers[-1]._state, trainers[0]._state)
 
     # the checkpoint holds everything: a fresh trainer loads the full state back
-    fresh = JaxTrainer(config, common.load_data(config), TOTAL)
+    fresh = _trainer(config)
     assert not _tree_equal(fresh._state.opt_state, trainers[0]._state.opt_state)
     assert fresh.load(tmp_path / "a" / name) == 2
     assert _tree_equal(fresh._state, trainers[0]._state)
-    assert int(schedule_position(fresh._state.opt_state)) == TOTAL
+    assert int(schedule_position(fresh._state.opt_state)) == total
 
 
-@pytest.mark.parametrize("changes", [dict(optimizer="asam"),
-                                     dict(optimizer="gsam", rho_min=0.01),
-                                     dict(optimizer="wsam")])
-def test_every_other_optimizer_runs_end_to_end(changes, tmp_path):
-    records = train(out=str(tmp_path), **{**RUN, **changes})
-    _check_records(records, _config(**changes))
+@pytest.mark.parametrize("optimizer", ["asam", "gsam", "wsam"])
+def test_every_other_optimizer_runs_end_to_end(optimizer, tmp_path):
+    records = train(out=str(tmp_path), **{**RUN, "optimizer": optimizer,
+                                          **OPTIONS.get(optimizer, {})})
+    _check_records(records, _config(optimizer))
     assert [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()] \
         == records
     assert (tmp_path / JaxTrainer.checkpoint_name).exists()
 
 
-def test_a_checkpoint_of_another_optimizer_is_refused(tmp_path, digits):
-    sgd = JaxTrainer(_config(optimizer="sgd"), digits, TOTAL)
+def test_a_checkpoint_of_another_optimizer_is_refused(tmp_path):
+    sgd = _trainer(_config("sgd"))
     sgd.save(tmp_path / "sgd.msgpack", 1)
-    sam = JaxTrainer(_config(optimizer="sam"), digits, TOTAL)
+    sam = _trainer(_config("sam"))
     with pytest.raises(ValueError):
         sam.load(tmp_path / "sgd.msgpack")
 
@@ -217,7 +232,7 @@ def _first_steps(config, digits, n=3):
 
 
 def _trainer_steps(config, digits):
-    trainer = JaxTrainer(config, digits, TOTAL)
+    trainer = _trainer(config)
     return trainer, trainer.train_epoch(iter(_first_steps(config, digits)))
 
 
@@ -229,7 +244,8 @@ def _assert_close(actual, expected):
 def test_sam_steps_written_out(digits):
     """SAM's steps (1)-(5) by hand: momentum, L2 added in the base step only (never in e), the
     cosine lr, BatchNorm statistics of pass 1, label smoothing in the loss."""
-    config = _config(optimizer="sam")
+    config = _config("sam")
+    total = _steps(config)[1]
     model, w, stats = _start(config, digits)
     grad = jax.value_and_grad(_hand_loss, argnums=1, has_aux=True)
     buffer, losses = None, []
@@ -241,7 +257,7 @@ def test_sam_steps_written_out(digits):
                                           config.label_smoothing)
         d = jax.tree.map(lambda ga, wi: ga + config.weight_decay * wi, g_adv, w)  # coupled L2
         buffer = d if buffer is None else jax.tree.map(lambda b, di: 0.9 * b + di, buffer, d)
-        w = jax.tree.map(lambda wi, b: wi - cosine_lr(t, TOTAL, config.lr) * b, w, buffer)
+        w = jax.tree.map(lambda wi, b: wi - cosine_lr(t, total, config.lr) * b, w, buffer)
         stats, losses = pass_one_stats, losses + [float(loss)]
     trainer, record = _trainer_steps(config, digits)
     _assert_close(trainer._state.params, w)
@@ -250,11 +266,11 @@ def test_sam_steps_written_out(digits):
         _assert_close(trainer._state.batch_stats, pass_two_stats)
     assert record["loss"] == pytest.approx(np.mean(losses), rel=1e-5)  # label smoothing
     assert record["skipped_steps"] == 0
-    assert trainer.lr() == pytest.approx(cosine_lr(3, TOTAL, config.lr), abs=1e-7)
+    assert trainer.lr() == pytest.approx(cosine_lr(3, total, config.lr), abs=1e-7)
 
 
 def _hand_optimizer(config, num_data):
-    schedule = optax.cosine_decay_schedule(config.lr, TOTAL)
+    schedule = optax.cosine_decay_schedule(config.lr, _steps(config)[1])
     if config.optimizer == "bsam":
         return sam_jax.bsam(num_data, learning_rate=schedule, weight_decay=config.weight_decay,
                             rho=config.rho, seed=config.seed)
@@ -270,20 +286,17 @@ def _hand_optimizer(config, num_data):
     return sam_jax.looksam(base, rho=config.rho, k=config.k, alpha=config.alpha)
 
 
-@pytest.mark.parametrize("changes", [dict(optimizer="asam"),
-                                     dict(optimizer="gsam", rho_min=0.01),
-                                     dict(optimizer="wsam"),
-                                     dict(optimizer="looksam", k=2),
-                                     dict(optimizer="bsam")])
-def test_variant_steps_equal_a_hand_written_loop(changes, digits, passes):
+@pytest.mark.parametrize("optimizer", ["asam", "gsam", "wsam", "looksam", "bsam"])
+def test_variant_steps_equal_a_hand_written_loop(optimizer, passes):
     """Each of three steps through the trainer == the same step written by hand with the sam_edu
     optimizer, from the trainer's state before it: weights, optimizer state (bSAM: the same
     noise), pass-1 BatchNorm statistics, loss; LookSAM's passes. (From the trainer's state, so
     that rounding cannot flip a ReLU or a max-pool tie between the two over several steps.)"""
-    config = _config(**changes)
+    config = _config(optimizer)
+    digits = common.load_data(config)
     model, _, _ = _start(config, digits)
     opt = _hand_optimizer(config, len(digits.y_train))
-    trainer = JaxTrainer(config, digits, TOTAL)
+    trainer = _trainer(config)
     passes_per_step = []
     for x, y in _first_steps(config, digits):
         w, stats, state = jax.tree.map(jnp.copy, trainer._state)
@@ -322,7 +335,7 @@ def test_label_smoothing_targets():
 
 
 def test_a_non_finite_step_is_skipped_and_counted(digits):
-    trainer = JaxTrainer(_config(optimizer="sam"), digits, TOTAL)
+    trainer = _trainer(_config("sam"))
     x, y = _first_steps(trainer.config, digits)[0]
     before = _plain(trainer._state)
     assert trainer.train_epoch(iter([(np.full_like(x, np.nan), y)]))["skipped_steps"] == 1
@@ -334,7 +347,7 @@ def test_a_non_finite_step_is_skipped_and_counted(digits):
 
 
 def test_bf16_runs_a_step_on_the_cpu(digits):
-    trainer = JaxTrainer(_config(optimizer="sgd", precision="bf16"), digits, TOTAL)
+    trainer = _trainer(_config("sgd", precision="bf16"))
     assert trainer.precision == "bf16"
     record = trainer.train_epoch(iter(_first_steps(trainer.config, digits, 1)))
     assert math.isfinite(record["loss"])
@@ -342,11 +355,11 @@ def test_bf16_runs_a_step_on_the_cpu(digits):
     assert dtypes <= {jnp.dtype(jnp.float32), jnp.dtype(jnp.int32), jnp.dtype(bool)}
 
 
-def test_device_and_precision(digits):
-    trainer = JaxTrainer(_config(optimizer="sgd"), digits, TOTAL)
+def test_device_and_precision():
+    trainer = _trainer(_config("sgd"))
     on_gpu = jax.default_backend() == "gpu"
     assert (trainer.device, trainer.precision) == (("gpu:0", "bf16") if on_gpu else
                                                    ("cpu", "fp32"))
     if not on_gpu:
         with pytest.raises(ValueError, match="device"):
-            JaxTrainer(_config(optimizer="sgd", device="gpu"), digits, TOTAL)
+            _trainer(_config("sgd", device="gpu"))
