@@ -269,3 +269,19 @@ def test_resume_refuses_other_settings_and_an_empty_directory(numpy_backend, tmp
         train(out=str(tmp_path / "empty"), resume=True, **RUN)
     with pytest.raises(ValueError, match="resume needs out"):
         train(resume=True, **RUN)
+
+
+def test_readme_training_command_parses():
+    import re
+    import shlex
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    commands = [block.replace("\\\n", " ") for block in re.findall(r"```bash\n(.*?)```", readme,
+                                                                   flags=re.S)
+                if "python -m sam_edu.train" in block]
+    assert commands, "the README shows the training command"
+    for command in commands:
+        argv = shlex.split(command.split("python -m sam_edu.train", 1)[1])
+        config = resolve(Config(**vars(parser().parse_args(argv))))
+        assert (config.model, config.dataset, config.rho) == ("wrn-28-10", "cifar10", 0.05)
