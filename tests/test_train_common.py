@@ -8,8 +8,11 @@ import dataclasses
 import io
 import json
 import math
+import re
+import shlex
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -272,10 +275,6 @@ def test_resume_refuses_other_settings_and_an_empty_directory(numpy_backend, tmp
 
 
 def test_readme_training_command_parses():
-    import re
-    import shlex
-    from pathlib import Path
-
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     commands = [block.replace("\\\n", " ") for block in re.findall(r"```bash\n(.*?)```", readme,
                                                                    flags=re.S)

@@ -32,7 +32,6 @@ Conventions (the same numbers mean the same thing in the JAX and Keras backends)
 from __future__ import annotations
 
 import io
-import math
 import warnings
 from pathlib import Path
 from typing import Iterator
@@ -66,7 +65,7 @@ def select_precision(precision: str, device: torch.device) -> str:
 
 def cosine_factor(step: int, total_steps: int) -> float:
     """``lr_t / lr = (1 + cos(pi t / T)) / 2``, held at 0 after ``T`` steps."""
-    return 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
+    return common.cosine_lr(step, total_steps, 1.0)
 
 
 def gsam_rho(config: common.Config, total_steps: int):
