@@ -3,8 +3,8 @@
 XLA compiles one step per optimizer and configuration, which dominates the time on a CPU. So the
 tests share one run per optimizer (``RUN``: the digits, batches of 64, 2 epochs) and keep
 compiled steps in a persistent compilation cache (under pytest's cache directory): an equal step
-is compiled once, in this process, in the CLI's subprocess and in the next session. Every step
-in this process counts its forward/backward passes (``passes``), so they all compile alike.
+is compiled once, in this process, in the CLI's subprocess and in the next session. (A step
+that counts its passes calls back to Python, which JAX does not cache: only LookSAM's counts.)
 """
 
 import json
@@ -57,7 +57,7 @@ def compilation_cache_dir(request):
     compilation_cache.reset_cache()
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture
 def passes(monkeypatch):
     """The forward/backward passes run so far, counted as they run (a callback in the step)."""
     count = []
@@ -137,31 +137,21 @@ def _check_records(records, config):
 
 # --- end to end through common.train, resuming, checkpoints ------------------------------------
 
-def _passes(optimizer, steps):
-    """Forward/backward passes of ``steps``: 2 a step for a SAM variant, 1 for SGD, LookSAM
-    (k = 2) 2 on its SAM steps (t mod 2 == 0) and 1 on the others."""
-    if optimizer == "looksam":
-        return sum(2 if t % 2 == 0 else 1 for t in steps)
-    return len(steps) * (1 if optimizer == "sgd" else 2)
-
-
 @pytest.mark.parametrize("optimizer", ["sgd", "sam", "looksam", "bsam"])
-def test_resume_equals_an_uninterrupted_run(optimizer, tmp_path, trainers, passes):
-    """2 epochs straight == 1 epoch (``stop_after=1``), then ``resume``; LookSAM (k = 2, 19
-    steps an epoch) resumes mid-cycle. Also: the records, learning, the passes, the checkpoint."""
+def test_resume_equals_an_uninterrupted_run(optimizer, tmp_path, trainers):
+    """2 epochs straight == 1 epoch (``stop_after=1``), then ``resume``; LookSAM (k = 2, 5 steps
+    an epoch) resumes mid-cycle, after a cheap step. Also: the records, learning, the checkpoint."""
     run = {**RUN, "optimizer": optimizer, **OPTIONS.get(optimizer, {})}
     config = resolve(Config(**run))
     steps, total = _steps(config)
+    assert optimizer != "looksam" or steps % config.k != 0  # the resumed run starts mid-cycle
     straight = train(out=str(tmp_path / "a"), **run)
     _check_records(straight, config)
     if optimizer in ("sgd", "sam"):
         assert straight[-1]["test_accuracy"] > 0.5, straight  # it learns (10 classes)
-    assert len(passes) == _passes(optimizer, range(total))
 
     train(out=str(tmp_path / "b"), stop_after=1, **run)
-    del passes[:]
     resumed = train(out=str(tmp_path / "b"), resume=True, **run)
-    assert len(passes) == _passes(optimizer, range(steps, total))
     assert _without_clock(resumed) == _without_clock(straight)
     name = JaxTrainer.checkpoint_name
     assert (tmp_path / "b" / name).read_bytes() == (tmp_path / "a" / name).read_bytes()
@@ -287,7 +277,7 @@ def _hand_optimizer(config, num_data):
 
 
 @pytest.mark.parametrize("optimizer", ["asam", "gsam", "wsam", "looksam", "bsam"])
-def test_variant_steps_equal_a_hand_written_loop(optimizer, passes):
+def test_variant_steps_equal_a_hand_written_loop(optimizer, request):
     """Each of three steps through the trainer == the same step written by hand with the sam_edu
     optimizer, from the trainer's state before it: weights, optimizer state (bSAM: the same
     noise), pass-1 BatchNorm statistics, loss; LookSAM's passes. (From the trainer's state, so
@@ -296,6 +286,7 @@ def test_variant_steps_equal_a_hand_written_loop(optimizer, passes):
     digits = common.load_data(config)
     model, _, _ = _start(config, digits)
     opt = _hand_optimizer(config, len(digits.y_train))
+    passes = request.getfixturevalue("passes") if optimizer == "looksam" else []
     trainer = _trainer(config)
     passes_per_step = []
     for x, y in _first_steps(config, digits):
@@ -321,7 +312,8 @@ def test_variant_steps_equal_a_hand_written_loop(optimizer, passes):
         _assert_close(trainer._state.batch_stats, stats_1)
         _assert_close(_plain(trainer._state.opt_state), _plain(state))
         assert record["loss"] == pytest.approx(float(loss), rel=1e-5)
-    assert passes_per_step == ([2, 1, 2] if config.optimizer == "looksam" else [2, 2, 2])
+    if optimizer == "looksam":  # k = 2: steps 0 and 2 are SAM steps, step 1 a cheap one
+        assert passes_per_step == [2, 1, 2]
 
 
 # --- smaller properties ------------------------------------------------------------------------
