@@ -179,7 +179,8 @@ def test_a_checkpoint_of_another_optimizer_is_refused(tmp_path):
     sgd = _trainer(_config("sgd"))
     sgd.save(tmp_path / "sgd.msgpack", 1)
     sam = _trainer(_config("sam"))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="path: .* is not a checkpoint of this model and "
+                                         "optimizer"):
         sam.load(tmp_path / "sgd.msgpack")
 
 

@@ -78,9 +78,10 @@ def make_optimizer(config: common.Config, num_data: int, total_steps: int):
         # skip a non-finite step, as the SAM variants do (the saturating count never reaches
         # the limit, so a NaN is never applied)
         return optax.apply_if_finite(base, np.iinfo(np.int32).max), schedule
-    if c.optimizer in ("sam", "asam"):
-        return sam_jax.sam(base, c.rho, adaptive=c.optimizer == "asam",
-                           eta=c.eta or 0.0), schedule
+    if c.optimizer == "sam":
+        return sam_jax.sam(base, c.rho), schedule
+    if c.optimizer == "asam":
+        return sam_jax.sam(base, c.rho, adaptive=True, eta=c.eta), schedule
     if c.optimizer == "gsam":
         rho = c.rho
         if c.rho_min is not None:  # rho_t = rho_min + (rho - rho_min) lr_t / lr
@@ -131,6 +132,14 @@ def _key_data(tree):
     return jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, tree)
 
 
+def _check_leaf(where, want, got) -> None:
+    """``ValueError`` when a restored leaf's shape or dtype is not the template's."""
+    if np.shape(want) != np.shape(got) or np.result_type(want) != np.result_type(got):
+        raise ValueError(f"{jax.tree_util.keystr(where)} holds {np.result_type(got)}"
+                         f"{list(np.shape(got))}, this run has {np.result_type(want)}"
+                         f"{list(np.shape(want))}")
+
+
 class JaxTrainer:
     """Trains ``config.model`` with ``config.optimizer`` in JAX (see the module docstring)."""
 
@@ -168,7 +177,8 @@ class JaxTrainer:
         return loss, (logits, updates["batch_stats"])
 
     def _step(self, state: TrainState, totals: jax.Array, x: jax.Array, y: jax.Array):
-        """One optimizer step on the batch ``(x, y)``; adds ``[loss, correct]`` to ``totals``."""
+        """One optimizer step on the batch ``(x, y)``; adds ``[loss, correct, count]`` to
+        ``totals``."""
         pass_one = []
 
         def grad_fn(params):
@@ -199,7 +209,7 @@ class JaxTrainer:
         skipped = skipped_steps(opt_state) > skipped_steps(state.opt_state)
         stats = jax.tree.map(lambda old, new: jnp.where(skipped, old, new),
                              state.batch_stats, stats)
-        return TrainState(params, stats, opt_state), totals + jnp.stack([loss, correct])
+        return TrainState(params, stats, opt_state), totals + jnp.stack([loss, correct, len(y)])
 
     def _evaluate_batch(self, state: TrainState, totals: jax.Array, x: jax.Array, y: jax.Array):
         """Adds ``[summed cross-entropy, correct, count]`` of one batch (eval mode) to totals."""
@@ -215,16 +225,15 @@ class JaxTrainer:
         """Every step of one epoch; the mean pass-1 loss and accuracy, and ``skipped_steps``
         (steps skipped for a non-finite gradient since the run began). One host sync, at the
         end."""
-        totals = jax.device_put(jnp.zeros(2, jnp.float32), self._device)
+        totals = jax.device_put(jnp.zeros(3, jnp.float32), self._device)
         steps = 0
         for x, y in batches:
             self._state, totals = self._train_step(self._state, totals, *self._put(x, y))
             steps += 1
-        (loss, correct), skipped = jax.device_get(
+        (loss, correct, count), skipped = jax.device_get(
             (totals, skipped_steps(self._state.opt_state)))
         jax.block_until_ready(self._state)
-        return {"loss": loss / steps, "accuracy": correct / (steps * self.config.batch_size),
-                "skipped_steps": int(skipped)}
+        return {"loss": loss / steps, "accuracy": correct / count, "skipped_steps": int(skipped)}
 
     def evaluate(self, batches: Iterator[tuple[np.ndarray, np.ndarray]]) -> dict:
         """Mean cross-entropy (no label smoothing) and accuracy, BatchNorm in eval mode."""
@@ -253,17 +262,12 @@ class JaxTrainer:
         """
         saved = serialization.msgpack_restore(Path(path).read_bytes())
         template = jax.device_get(_key_data(self._state))
-        restored = serialization.from_state_dict(template, saved["state"])
-
-        def check(path_, want, got):
-            if np.shape(want) != np.shape(got) or np.result_type(want) != np.result_type(got):
-                raise ValueError(
-                    f"path: {path} holds {np.result_type(got)}{list(np.shape(got))} at "
-                    f"{jax.tree_util.keystr(path_)} where this run has "
-                    f"{np.result_type(want)}{list(np.shape(want))}: a checkpoint of another "
-                    "model or optimizer")
-
-        jax.tree_util.tree_map_with_path(check, template, restored)
+        try:
+            restored = serialization.from_state_dict(template, saved["state"])
+            jax.tree_util.tree_map_with_path(_check_leaf, template, restored)
+        except ValueError as error:
+            raise ValueError(f"path: {path} is not a checkpoint of this model and optimizer "
+                             f"({error})") from error
         typed = jax.tree.map(
             lambda now, got: jax.random.wrap_key_data(got, impl=jax.random.key_impl(now))
             if _is_key(now) else jnp.asarray(got), self._state, restored)
