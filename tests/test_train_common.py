@@ -228,8 +228,8 @@ def test_records_and_files(numpy_backend, tmp_path):
     records = train(out=str(tmp_path / "run"), **RUN)
     assert [r["epoch"] for r in records] == [1, 2, 3]
     assert set(records[0]) == {"epoch", "train_loss", "train_accuracy", "test_loss",
-                               "test_accuracy", "lr", "seconds", "images_per_second", "device",
-                               "precision"}
+                               "test_accuracy", "lr", "skipped_steps", "seconds",
+                               "images_per_second", "device", "precision"}
     assert records[-1]["lr"] == 0.0  # the cosine reaches 0 after the last step
     assert records[-1]["test_accuracy"] > 0.5  # softmax regression learns digits
     logged = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]

@@ -2,8 +2,8 @@
 
 XLA compiles one step per optimizer and configuration, which dominates the time on a CPU. So the
 tests share one run per optimizer (``RUN``: the digits, batches of 64, 2 epochs) and keep
-compiled steps in a persistent compilation cache (under pytest's cache directory): an equal step
-is compiled once, in this process, in the CLI's subprocess and in the next session. (A step
+compiled steps in a persistent compilation cache (a temporary directory of this session): an
+equal step is compiled once, in this process and in the CLI's subprocess. (A step
 that counts its passes calls back to Python, which JAX does not cache: only LookSAM's counts.)
 """
 
@@ -36,15 +36,15 @@ RUN = dict(framework="jax", dataset="digits", model="small-cnn", epochs=2, batch
 OPTIONS = {"gsam": dict(rho_min=0.01), "looksam": dict(k=2, num_train=320),
            "bsam": dict(num_train=320)}
 FIELDS = {"epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "lr", "seconds",
-          "images_per_second", "device", "precision"}
+          "images_per_second", "device", "precision", "skipped_steps"}
 CACHE_OPTIONS = {"jax_persistent_cache_min_compile_time_secs": 0.0,
                  "jax_persistent_cache_min_entry_size_bytes": 0}
 
 
 @pytest.fixture(scope="module", autouse=True)
-def compilation_cache_dir(request):
+def compilation_cache_dir(tmp_path_factory):
     """Compiled steps kept on disk for this module; JAX's settings restored afterwards."""
-    directory = request.config.cache.mkdir("jax_compilation_cache")
+    directory = tmp_path_factory.mktemp("jax_compilation_cache")
     before = {name: getattr(jax.config, name)
               for name in (*CACHE_OPTIONS, "jax_compilation_cache_dir")}
     for name, value in CACHE_OPTIONS.items():

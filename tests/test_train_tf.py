@@ -30,7 +30,7 @@ TINY = dict(framework="tf", dataset="digits", model="small-cnn", num_train=96, n
             batch_size=32, device="cpu", progress=False)  # 3 steps per epoch, fp32 on a GPU host
 SAM_VARIANTS = ("sam", "asam", "gsam", "wsam", "looksam", "bsam")
 FIELDS = {"epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "lr", "seconds",
-          "images_per_second", "device", "precision"}
+          "images_per_second", "device", "precision", "skipped_steps"}
 
 
 def make_trainer(optimizer, epochs=1, **overrides):

@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = dict(framework="torch", dataset="digits", model="small-cnn", num_train=192, num_test=100,
             batch_size=64, epochs=1, progress=False)
 RECORD_FIELDS = {"epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "lr",
-                 "seconds", "images_per_second", "device", "precision"}
+                 "seconds", "images_per_second", "device", "precision", "skipped_steps"}
 VARIANT_OPTIONS = {  # options that make each variant's own code path matter
     "sam": dict(nesterov=True),
     "asam": dict(eta=0.01),

@@ -206,7 +206,9 @@ class Trainer(Protocol):
 
     ``device`` and ``precision`` describe where and how it runs (e.g. ``"cpu"``, ``"fp32"``).
     ``train_epoch`` takes every step of one epoch and returns the mean pass-1 loss and accuracy
-    over the epoch, after the device has finished (so that the loop's clock is honest).
+    over the epoch, after the device has finished (so that the loop's clock is honest), and, for
+    a backend whose optimizers skip non-finite steps instead of raising (JAX), ``skipped_steps``:
+    how many steps of the run so far were skipped.
     ``evaluate`` returns the mean cross-entropy (no label smoothing) and accuracy on the batches.
     ``lr`` is the base learning rate the next step would use. ``save`` writes everything a
     resumed run needs (weights, BatchNorm statistics, optimizer state, RNG state) and the number
@@ -311,6 +313,7 @@ def train(config: Config | None = None, **overrides) -> list[dict]:
             "test_loss": float(test_stats["loss"]),
             "test_accuracy": float(test_stats["accuracy"]),
             "lr": float(trainer.lr()),
+            "skipped_steps": int(train_stats.get("skipped_steps", 0)),
             "seconds": seconds,
             "images_per_second": steps * config.batch_size / seconds,
             "device": trainer.device,
