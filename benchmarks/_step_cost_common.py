@@ -1,0 +1,126 @@
+"""The timing engine of ``benchmarks/step_cost.py``, shared by its three framework workers.
+
+A *runner* is one optimizer (or pseudo-optimizer: the base step, a floor) set up on its own copy
+of the model, with a ``step()`` that takes one whole training step. :func:`time_runners` checks
+that every optimizer changes the weights, warms all of them up, then times interleaved blocks in
+an order rotated from repeat to repeat; :func:`summarize` turns the blocks into the rows of the
+JSON file (medians of paired per-repeat ratios to the base step).
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+ROLES = ("base", "floor", "ours", "peer")
+
+
+@dataclass
+class Runner:
+    """One row of the table: how to take a step, and how to read the weights it changes."""
+
+    name: str
+    role: str  # one of ROLES
+    implementation: str  # what is timed, e.g. "sam_edu.torch.SAM" or "pytorch_optimizer.SAM"
+    step: Callable[[], object]
+    weights: Callable[[], list]  # NumPy copies of the weights, for the correctness guard
+    sync: Callable[[], object] = lambda: None  # wait for asynchronous work (JAX)
+    floor: str | None = None  # the row this one's overhead is measured above
+    peer: str | None = None  # the peer row this one is compared with
+    mode: str = "eager"  # eager | jit | tf.function | tf.function+xla
+    passes_per_step: float | None = None  # forward/backward passes per step, by design
+    count_passes: Callable[[], int] | None = None  # passes so far, where they can be counted
+    note: str = ""
+    times: list = field(default_factory=list)
+    weights_changed: bool | None = None
+    passes_measured: float | None = None
+
+
+def log(*args) -> None:
+    print(*args, file=sys.stderr, flush=True)
+
+
+def _changed(before: list, after: list) -> bool:
+    return any(a.shape != b.shape or not np.array_equal(a, b) for a, b in zip(before, after))
+
+
+def time_runners(runners: list[Runner], repeats: int, steps: int, warmup: int,
+                 label: str = "") -> None:
+    """Guard, warm up and time ``runners``; fills each runner's ``times`` (seconds per step).
+
+    The first warm-up step of every runner is the correctness guard: the weights are read before
+    and after it, and an optimizer (``ours`` or ``peer``) that leaves them unchanged, or makes
+    them non-finite, stops the benchmark (nothing is timed doing nothing). Floors that take no
+    step of their own are exempt.
+    """
+    for run in runners:
+        before = run.weights()
+        run.step()
+        run.sync()
+        after = run.weights()
+        run.weights_changed = _changed(before, after)
+        finite = all(np.all(np.isfinite(a)) for a in after)
+        if run.role in ("ours", "peer") and not (run.weights_changed and finite):
+            raise SystemExit(f"{label} {run.name}: one step "
+                             f"{'left the weights unchanged' if finite else 'gave non-finite weights'}"
+                             "; refusing to time it")
+        for _ in range(warmup - 1):
+            run.step()
+        run.sync()
+    log(f"{label}: guard and warm-up done, timing {len(runners)} rows x {repeats} repeats")
+    counts_at_start = {run.name: run.count_passes() for run in runners if run.count_passes}
+    for r in range(repeats):
+        for i in range(len(runners)):
+            run = runners[(i + r) % len(runners)]  # rotate the order from repeat to repeat
+            run.sync()
+            start = time.perf_counter()
+            for _ in range(steps):
+                run.step()
+            run.sync()
+            run.times.append((time.perf_counter() - start) / steps)
+    for run in runners:
+        if run.count_passes:
+            run.passes_measured = ((run.count_passes() - counts_at_start[run.name])
+                                   / (repeats * steps))
+
+
+def summarize(runners: list[Runner]) -> list[dict]:
+    """The rows of one (framework, case) run; the first runner is the base step."""
+    base = runners[0]  # the denominator; TF has a second "base" row, its base without XLA
+    assert base.role == "base"
+    by_name = {run.name: run for run in runners}
+
+    def ratios(run):
+        return [t / b for t, b in zip(run.times, base.times)]
+
+    rows = []
+    for run in runners:
+        ratio = ratios(run)
+        times_ms = [1e3 * t for t in run.times]
+        floor = by_name.get(run.floor) if run.floor else None
+        floor_ratio = ratios(floor) if floor else None
+        rows.append(dict(
+            name=run.name,
+            role=run.role,
+            implementation=run.implementation,
+            mode=run.mode,
+            floor=run.floor,
+            peer=run.peer,
+            passes_per_step=run.passes_per_step,
+            passes_measured=run.passes_measured,
+            weights_changed=run.weights_changed,
+            step_ms_median=statistics.median(times_ms),
+            ratio_to_base=statistics.median(ratio),
+            floor_ratio=statistics.median(floor_ratio) if floor else None,
+            overhead_above_floor=(statistics.median(a - f for a, f in zip(ratio, floor_ratio))
+                                  if floor else None),
+            step_ms_per_repeat=times_ms,
+            ratio_per_repeat=ratio,
+            note=run.note,
+        ))
+    return rows

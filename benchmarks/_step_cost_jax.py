@@ -1,0 +1,216 @@
+"""JAX rows of ``benchmarks/step_cost.py``: optax.sgd, the floors, sam_edu.jax and
+optax.contrib.sam, each whole training step one ``jax.jit`` function (see step_cost.py).
+
+The floors get the batch twice, as two separate input buffers holding the same values, so that
+XLA cannot merge their two passes into one (the SAM rows' second pass runs at ``w + e``, which
+XLA cannot merge either); every gradient a floor computes is used or returned, so none is
+removed as dead code.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import optax.contrib
+
+from _step_cost_common import Runner
+
+from sam_edu.jax import adversarial_sam, bsam, gsam, looksam, normalize, sam, wsam
+
+
+def versions() -> dict:
+    return {"jax": jax.__version__, "optax": optax.__version__,
+            "jax_device": str(jax.devices()[0]),
+            "xla_flags": __import__("os").environ.get("XLA_FLAGS", "")}
+
+
+def init_params(case: str, sizes: dict, rng: np.random.Generator):
+    """NumPy weights (He normal, zero bias), NHWC/HWIO for the CNN."""
+    if case == "cnn":
+        c = sizes["channels"]
+        convs = [(3, c, 1), (c, 2 * c, 2), (2 * c, 2 * c, 1), (2 * c, 4 * c, 2)]
+        params = {"conv": [], "dense": None}
+        for cin, cout, _ in convs:
+            w = rng.normal(0, np.sqrt(2 / (9 * cin)), (3, 3, cin, cout)).astype(np.float32)
+            params["conv"].append((w, np.zeros(cout, np.float32)))
+        params["dense"] = (rng.normal(0, np.sqrt(1 / (4 * c)), (4 * c, 10)).astype(np.float32),
+                           np.zeros(10, np.float32))
+        return params, [s for _, _, s in convs]
+    widths = sizes["widths"]
+    return [(rng.normal(0, np.sqrt(2 / a), (a, b)).astype(np.float32), np.zeros(b, np.float32))
+            for a, b in zip(widths[:-1], widths[1:])], None
+
+
+def make_loss(case: str, strides):
+    if case == "cnn":
+        def apply(params, x):
+            for (w, b), s in zip(params["conv"], strides):
+                x = jax.lax.conv_general_dilated(x, w, (s, s), ((1, 1), (1, 1)),
+                                                 dimension_numbers=("NHWC", "HWIO", "NHWC"))
+                x = jax.nn.relu(x + b)
+            w, b = params["dense"]
+            return jnp.mean(x, axis=(1, 2)) @ w + b
+    else:
+        def apply(params, x):
+            for i, (w, b) in enumerate(params):
+                x = x @ w + b
+                if i < len(params) - 1:
+                    x = jax.nn.relu(x)
+            return x
+
+    def loss(params, x, y):
+        return optax.softmax_cross_entropy_with_integer_labels(apply(params, x), y).mean()
+    return loss
+
+
+def build(case: str, sizes: dict, hp: dict, peer_foreach: bool, seed: int) -> tuple[list, dict]:
+    rng = np.random.default_rng(seed)
+    lr, momentum, rho, k = hp["lr"], hp["momentum"], hp["rho"], hp["looksam_k"]
+    if case == "tensors":
+        shapes = [(sizes["width"], sizes["width"]) if i % 2 == 0 else (sizes["width"],)
+                  for i in range(sizes["tensors"])]
+        init = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+        g_np = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+        t_np = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+        # the data: the preset gradient at w and the quadratic loss's target, twice
+        data = (jax.tree.map(jnp.asarray, g_np), jax.tree.map(jnp.asarray, t_np),
+                jax.tree.map(jnp.array, t_np))
+
+        def grad_at(params, g, t):
+            return jax.tree.map(lambda w, ti: w - ti, params, t)
+
+        def first_grad(params, data):
+            return data[0]
+
+        def grad_a(params, data):
+            return grad_at(params, None, data[1])
+
+        def grad_b(params, data):
+            return grad_at(params, None, data[2])
+        info = dict(parameters=sum(w.size for w in init), tensors=len(init),
+                    tensor_shapes=sorted({str(list(s)) for s in shapes}), input_shape=None)
+    else:
+        init, strides = init_params(case, sizes, rng)
+        loss = make_loss(case, strides)
+        grad = jax.grad(loss)
+        batch = sizes["batch"]
+        if case == "cnn":
+            x = rng.random((batch, sizes["image_size"], sizes["image_size"], 3), np.float32)
+        else:
+            x = rng.random((batch, sizes["widths"][0]), np.float32)
+        y = rng.integers(0, 10, batch).astype(np.int32)
+        data = (jnp.asarray(x), jnp.asarray(y), jnp.array(x), jnp.array(y))
+
+        def first_grad(params, data):
+            return grad(params, data[0], data[1])
+
+        grad_a = first_grad
+
+        def grad_b(params, data):
+            return grad(params, data[2], data[3])
+        info = dict(parameters=sum(a.size for a in jax.tree.leaves(init)),
+                    tensors=len(jax.tree.leaves(init)),
+                    input_shape=list(x.shape))
+
+    sgd = optax.sgd(lr, momentum=momentum)
+    runners = []
+
+    def add(name, role, implementation, fn, opt_init, floor=None, peer=None, passes=None,
+            note="", donate=True):
+        """``fn(params, opt_state, data) -> (params, opt_state, *outputs)``, jitted."""
+        state = {"params": jax.tree.map(jnp.array, init)}
+        state["opt"] = opt_init(state["params"])
+        jitted = jax.jit(fn, donate_argnums=(0, 1) if donate else ())
+
+        def step():
+            state["params"], state["opt"], *state["out"] = jitted(state["params"], state["opt"],
+                                                                 data)
+
+        runners.append(Runner(
+            name=name, role=role, implementation=implementation, step=step,
+            weights=lambda: [np.array(a) for a in jax.tree.leaves(state["params"])],
+            sync=lambda: jax.block_until_ready((state["params"], state["opt"])),
+            floor=floor, peer=peer, mode="jit", passes_per_step=passes, note=note))
+
+    def base_fn(params, s, data):
+        u, s = sgd.update(first_grad(params, data), s, params)
+        return optax.apply_updates(params, u), s
+
+    def floor_fn(params, s, data):
+        g1 = first_grad(params, data)
+        g2 = grad_b(params, data)
+        u, s = sgd.update(g2, s, params)
+        return optax.apply_updates(params, u), s, g1
+
+    n_total = info["parameters"]
+
+    def floor_bsam_fn(params, key, data):
+        g1 = first_grad(params, data)
+        g2 = grad_b(params, data)
+        key, sub = jax.random.split(key)
+        return params, key, g1, g2, jax.random.normal(sub, (n_total,))
+
+    def floor_look_fn(params, s, data):
+        count, base_state = s
+        g1 = first_grad(params, data)
+        d = jax.lax.cond(count % k == 0, lambda: grad_b(params, data), lambda: g1)
+        u, base_state = sgd.update(d, base_state, params)
+        return optax.apply_updates(params, u), (count + 1, base_state)
+
+    passes_model = case != "tensors"
+    two = 2 if passes_model else None
+    add("SGD", "base", "optax.sgd(momentum)", base_fn, sgd.init, passes=1 if passes_model else None)
+    add("floor", "floor", "2 passes + optax.sgd step", floor_fn, sgd.init, passes=two)
+    add("floor bSAM", "floor", "2 passes + its noise (jax.random.normal)", floor_bsam_fn,
+        lambda p: jax.random.key(seed), passes=two, donate=False)
+    add(f"floor LookSAM k={k}", "floor", f"1 pass, a 2nd every {k}th step (lax.cond), 1 step",
+        floor_look_fn, lambda p: (jnp.zeros([], jnp.int32), sgd.init(p)),
+        passes=(1 + 1 / k) if passes_model else None)
+
+    def with_grad_fn(opt, first=True):
+        def fn(params, s, data):
+            g = first_grad(params, data) if first else None
+            u, s = opt.update(g, s, params, grad_fn=lambda p: grad_a(p, data))
+            return optax.apply_updates(params, u), s
+        return fn
+
+    def opaque(opt):
+        def fn(params, s, data):
+            u, s = opt.update(first_grad(params, data), s, params,
+                              grad_fn=lambda p, i: grad_a(p, data))
+            return optax.apply_updates(params, u), s
+        return fn
+
+    ours = [
+        ("SAM", "sam_edu.jax.sam", sam(sgd, rho=rho), True, "floor", "optax.contrib.sam", two),
+        ("ASAM", "sam_edu.jax.sam(adaptive=True)",
+         sam(sgd, rho=hp["asam_rho"], adaptive=True, eta=hp["asam_eta"]), True, "floor", None,
+         two),
+        ("GSAM", "sam_edu.jax.gsam", gsam(sgd, rho=rho, alpha=hp["gsam_alpha"]), True, "floor",
+         None, two),
+        ("WSAM", "sam_edu.jax.wsam", wsam(sgd, learning_rate=lr, rho=rho, gamma=hp["wsam_gamma"]),
+         True, "floor", None, two),
+        ("bSAM", "sam_edu.jax.bsam: update(None, ..., grad_fn)",
+         bsam(hp["bsam_num_data"], learning_rate=hp["bsam_lr"], rho=rho, seed=seed), False,
+         "floor bSAM", None, two),
+        (f"LookSAM k={k}", "sam_edu.jax.looksam",
+         looksam(sgd, rho=rho, k=k, alpha=hp["looksam_alpha"]), True, f"floor LookSAM k={k}",
+         None, (1 + 1 / k) if passes_model else None),
+    ]
+    for name, impl, opt, first, floor, peer, passes in ours:
+        add(name, "ours", impl, with_grad_fn(opt, first), opt.init, floor=floor, peer=peer,
+            passes=passes)
+    adv = adversarial_sam(sgd, optax.chain(normalize(), optax.sgd(rho)), sync_period=2,
+                          opaque_mode=True)
+    add("SAM (adversarial_sam)", "ours",
+        "sam_edu.jax.adversarial_sam(sgd, chain(normalize(), sgd(rho)), 2, opaque_mode=True)",
+        opaque(adv), adv.init, floor="floor", peer="optax.contrib.sam", passes=two)
+    peer = optax.contrib.sam(sgd, optax.chain(optax.contrib.normalize(), optax.sgd(rho)),
+                             sync_period=2, opaque_mode=True)
+    add("optax.contrib.sam", "peer",
+        "optax.contrib.sam(sgd, chain(normalize(), sgd(rho)), 2, opaque_mode=True)",
+        opaque(peer), peer.init, floor="floor", passes=two,
+        note="opaque mode: one update with grad_fn is one SAM step (two passes)")
+    return runners, info
