@@ -42,7 +42,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from sam_edu.torch.sam import SAM, global_norm
+from sam_edu.torch.sam import SAM, Buffers, choose_foreach, global_norm
 
 Params = list[torch.Tensor]
 
@@ -89,6 +89,8 @@ class GSAM(SAM):
         alpha: weight of the ascent along ``g_perp``; the paper uses 0.01-1.0.
         adaptive: the JAX code's adaptive form ``e = rho |w| g / (||g|| + eps)``.
         perturb_eps: added to ``||g||`` and ``||g_adv||`` so that zero gradients give no NaN.
+        foreach: the ``torch._foreach_*`` fast path (``None``: when the tensors allow it), as in
+            :class:`sam_edu.torch.SAM`; ``foreach_used`` tells which path the last step took.
         **base_kwargs: options of the base optimizer (``lr``, ``momentum``, ``weight_decay``, ...).
 
     Groups also carry SAM's ``eta``, which GSAM does not use (its adaptive form has no offset).
@@ -102,6 +104,7 @@ class GSAM(SAM):
         alpha: float = 0.4,
         adaptive: bool = False,
         perturb_eps: float = 1e-12,
+        foreach: bool | None = None,
         **base_kwargs,
     ) -> None:
         if alpha < 0:
@@ -109,11 +112,13 @@ class GSAM(SAM):
         self.rho_schedule = rho if callable(rho) else None
         super().__init__(params, base_optimizer,
                          rho=self._scheduled_rho(0) if callable(rho) else rho,
-                         adaptive=adaptive, perturb_eps=perturb_eps, **base_kwargs)
+                         adaptive=adaptive, perturb_eps=perturb_eps, foreach=foreach,
+                         **base_kwargs)
         self.alpha = alpha
         self.steps_taken = 0
         # g, saved in (1) for (5). Not in self.state, for the reason SAM keeps w out of it.
         self._g: Params | None = None
+        self._g_buffers = Buffers()  # the fast path's copy of g, reused from step to step
 
     def _scheduled_rho(self, step: int) -> float:
         """``max(rho(step), 0)``: a warm-up can make the LR-proportional ``rho_t`` negative."""
@@ -122,7 +127,7 @@ class GSAM(SAM):
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> None:
         """Steps (1)-(2): move the weights to ``w + e(w)``; ``p.grad`` must hold ``g``."""
-        if self._saved_w is not None:
+        if self._perturbed is not None:
             raise RuntimeError("first_step() called twice: call second_step() to restore w first")
         found = self._with_grad()
         if not found:
@@ -131,33 +136,64 @@ class GSAM(SAM):
         params = [p for p, _ in found]
         # (1) gradient at the centre: the caller's backward pass at w left g in p.grad
         g = [p.grad for p in params]
-        if not torch.isfinite(global_norm(g)):
+        self.foreach_used = choose_foreach(self.foreach, params, g)
+        if not self.foreach_used and not torch.isfinite(global_norm(g)):
             raise FloatingPointError("non-finite gradient at w; the weights were not changed")
         if self.rho_schedule is not None:
             rho_t = self._scheduled_rho(self.steps_taken)
             for group in self.param_groups:
                 group["rho"] = rho_t
-        e = gsam_perturbation(g, params,
-                              rho=[group["rho"] for _, group in found],
-                              adaptive=[group["adaptive"] for _, group in found],
-                              perturb_eps=self.perturb_eps)
-        # (2) ascend to w + e(w), keeping w for (4) and g for (5)
-        self._saved_w = [(p, p.clone()) for p in params]
-        self._g = [g_p.clone() for g_p in g]
-        for p, e_p in zip(params, e):
-            p.add_(e_p)
+        if self.foreach_used:
+            self._ascend_foreach(params, g)
+        else:
+            e = gsam_perturbation(g, params,
+                                  rho=[group["rho"] for _, group in found],
+                                  adaptive=[group["adaptive"] for _, group in found],
+                                  perturb_eps=self.perturb_eps)
+            # (2) ascend to w + e(w), keeping w for (4) and g for (5)
+            self._saved_w = [p.clone() for p in params]
+            self._g = [g_p.clone() for g_p in g]
+            for p, e_p in zip(params, e):
+                p.add_(e_p)
+        self._perturbed = params
         if zero_grad:
             self.zero_grad()
+
+    def _ascend_foreach(self, params: Params, g: Params) -> None:
+        """Steps (1)-(2) on the fast path: ``gsam_perturbation()``, one kernel per group.
+
+        ``w += (rho / (||g|| + eps)) g``, or ``w += (rho / (||g|| + eps)) |w| g`` (adaptive).
+        """
+        g_norm = self._g_norm_foreach(g)  # raises if g is not finite
+        self._save_w_foreach(params)
+        self._g = self._g_buffers.like(params)
+        torch._foreach_copy_(self._g, g)
+        for group, ps, gs in self._groups_with_grad():
+            step = group["rho"] / (g_norm + self.perturb_eps)
+            if group["adaptive"]:
+                torch._foreach_addcmul_(ps, torch._foreach_abs(ps), gs, value=step)
+            else:
+                torch._foreach_add_(ps, gs, alpha=step)
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> None:
         """Steps (3)-(5): restore ``w``, base step with ``d``; ``p.grad`` must hold ``g_adv``."""
         g, self._g = self._g, None
         # (3) gradient at the perturbed point and (4) restore w, as in SAM
-        params, g_adv = self._restore_w_for_every_perturbed_tensor()
+        foreach = self.foreach_used
+        params, g_adv, g_adv_norm = self._restore_w_for_every_perturbed_tensor()
         # (5) base step at w with d = g_adv - alpha * g_perp, written where the base reads it
-        for p, d_p in zip(params, gsam_direction(g, g_adv, self.alpha, self.perturb_eps)):
-            p.grad.copy_(d_p)
+        if foreach:
+            # the same d on the fast path: g_perp = g - c g_adv with c = (g . g_adv) / ||g_adv||^2
+            # (norms + eps), so d = (1 + alpha c) g_adv - alpha g, in place in p.grad
+            dot = torch.stack([torch.vdot(a.reshape(-1), b.reshape(-1))
+                               for a, b in zip(g, g_adv)]).sum()
+            c = dot / (g_adv_norm + self.perturb_eps) ** 2
+            torch._foreach_mul_(g_adv, 1 + self.alpha * c)
+            torch._foreach_add_(g_adv, g, alpha=-self.alpha)
+        else:
+            for p, d_p in zip(params, gsam_direction(g, g_adv, self.alpha, self.perturb_eps)):
+                p.grad.copy_(d_p)
         self.base_optimizer.step()
         self.steps_taken += 1
         if zero_grad:

@@ -38,12 +38,13 @@ An LR scheduler is attached as with SAM: to the optimizer with ``step(closure)``
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Callable
 
 import torch
 
-from sam_edu.torch.sam import SAM, global_norm
+from sam_edu.torch.sam import SAM, Buffers, choose_foreach, global_norm, global_norm_foreach
 
 Params = list[torch.Tensor]
 
@@ -81,6 +82,8 @@ class LookSAM(SAM):
         alpha: weight of the reused ``g_v`` on the cheap steps, relative to ``||g||``.
         adaptive: ASAM's perturbation ``e = rho w^2 g / (|| |w| g || + eps)``.
         perturb_eps: added to every norm so that zero gradients give no NaN.
+        foreach: the ``torch._foreach_*`` fast path (``None``: when the tensors allow it), as in
+            :class:`sam_edu.torch.SAM`; ``foreach_used`` tells which path the last step took.
         **base_kwargs: options of the base optimizer (``lr``, ``momentum``, ``weight_decay``, ...).
 
     Groups also carry SAM's ``eta`` (0 here); a group that sets it gets ASAM's ``|w| + eta``.
@@ -96,6 +99,7 @@ class LookSAM(SAM):
         alpha: float = 0.7,
         adaptive: bool = False,
         perturb_eps: float = 1e-12,
+        foreach: bool | None = None,
         **base_kwargs,
     ) -> None:
         if not (isinstance(k, numbers.Integral) and not isinstance(k, bool) and k >= 1):
@@ -104,12 +108,13 @@ class LookSAM(SAM):
         if not alpha >= 0:
             raise ValueError(f"alpha must be >= 0, got {alpha}")
         super().__init__(params, base_optimizer, rho=rho, adaptive=adaptive,
-                         perturb_eps=perturb_eps, **base_kwargs)
+                         perturb_eps=perturb_eps, foreach=foreach, **base_kwargs)
         self.k = int(k)
         self.alpha = alpha
         self.steps_taken = 0
         # g, saved in (1) of a SAM step for g_v. Not in self.state, for the reason SAM keeps w out.
         self._g: Params | None = None
+        self._g_buffers = Buffers()  # the fast path's copy of g, reused from step to step
 
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> bool:
@@ -123,7 +128,12 @@ class LookSAM(SAM):
         if is_sam_step(self.steps_taken, self.k):
             # (1)-(2) exactly SAM's, keeping g for g_v
             super().first_step()
-            self._g = [p.grad.clone() for p, _ in self._saved_w]
+            g = [p.grad for p in self._perturbed]
+            if self.foreach_used:
+                self._g = self._g_buffers.like(self._perturbed)
+                torch._foreach_copy_(self._g, g)
+            else:
+                self._g = [g_p.clone() for g_p in g]
             if zero_grad:
                 self.zero_grad()
             return True
@@ -134,18 +144,36 @@ class LookSAM(SAM):
         params = [p for p, _ in found]
         # (1) gradient at the centre: the caller's backward pass at w left g in p.grad
         g = [p.grad for p in params]
-        if not torch.isfinite(global_norm(g)):
-            raise FloatingPointError("non-finite gradient at w; the weights were not changed")
-        # (5) only: base step at w with g plus the stored orthogonal component, rescaled
-        g_v = [self.state[p]["g_v"] if "g_v" in self.state[p] else torch.zeros_like(p)
-               for p in params]
-        for p, d_p in zip(params, looksam_direction(g, g_v, self.alpha, self.perturb_eps)):
-            p.grad.copy_(d_p)
+        self.foreach_used = choose_foreach(self.foreach, params, g)
+        if self.foreach_used:
+            self._cheap_direction_foreach(params, g)
+        else:
+            if not torch.isfinite(global_norm(g)):
+                raise FloatingPointError("non-finite gradient at w; the weights were not changed")
+            # (5) only: base step at w with g plus the stored orthogonal component, rescaled
+            g_v = [self.state[p]["g_v"] if "g_v" in self.state[p] else torch.zeros_like(p)
+                   for p in params]
+            for p, d_p in zip(params, looksam_direction(g, g_v, self.alpha, self.perturb_eps)):
+                p.grad.copy_(d_p)
         self.base_optimizer.step()
         self.steps_taken += 1
         if zero_grad:
             self.zero_grad()
         return False
+
+    def _cheap_direction_foreach(self, params: Params, g: Params) -> None:
+        """``looksam_direction()`` on the fast path, in place in ``p.grad``:
+        ``g += alpha (||g|| / (||g_v|| + eps)) g_v``; a parameter without ``g_v`` adds nothing."""
+        with_g_v = [(p.grad, self.state[p]["g_v"]) for p in params if "g_v" in self.state[p]]
+        norms = [global_norm_foreach(g)]
+        if with_g_v:
+            norms.append(global_norm_foreach([v for _, v in with_g_v]))
+        g_norm, *g_v_norm = torch.stack(norms).tolist()  # the step's one synchronisation
+        if not math.isfinite(g_norm):
+            raise FloatingPointError("non-finite gradient at w; the weights were not changed")
+        if with_g_v:
+            torch._foreach_add_([g_p for g_p, _ in with_g_v], [v for _, v in with_g_v],
+                                alpha=self.alpha * g_norm / (g_v_norm[0] + self.perturb_eps))
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> None:
@@ -153,13 +181,20 @@ class LookSAM(SAM):
 
         ``p.grad`` must hold ``g_adv``. Call it only when :meth:`first_step` returned ``True``.
         """
-        if self._saved_w is None:
+        if self._perturbed is None:
             raise RuntimeError("second_step() without a SAM step's first_step(): call it only "
                                "when first_step() returned True")
         g, self._g = self._g, None
         # (3) gradient at the perturbed point and (4) restore w, as in SAM
-        params, g_adv = self._restore_w_for_every_perturbed_tensor()
-        g_v = orthogonal_component(g_adv, g, self.perturb_eps)
+        params, g_adv, _ = self._restore_w_for_every_perturbed_tensor()
+        if self.foreach_used:
+            # the same g_v on the fast path: g_v = g_adv - c g, c = (g_adv . g) / (||g|| + eps)^2
+            dot = torch.stack([torch.vdot(a.reshape(-1), b.reshape(-1))
+                               for a, b in zip(g_adv, g)]).sum()
+            torch._foreach_mul_(g, dot / (global_norm_foreach(g) + self.perturb_eps) ** 2)
+            g_v = torch._foreach_sub(g_adv, g)  # g (the buffer) now holds c g
+        else:
+            g_v = orthogonal_component(g_adv, g, self.perturb_eps)
         # (5) base step at w with d = g_adv, which p.grad holds
         self.base_optimizer.step()
         # g_v for the next k - 1 steps, stored after the base step: Adam initialises its moments

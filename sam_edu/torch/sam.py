@@ -52,11 +52,21 @@ Two ways to drive it::
 An LR scheduler may be attached to either optimizer: they share their parameter groups. With the
 explicit loop attach it to ``optimizer.base_optimizer``, whose ``step()`` that loop calls; torch
 warns when a scheduler steps before its optimizer's ``step()`` ever ran.
+
+Two implementations of the same equations, as in ``torch.optim``: the readable per-tensor loop
+(the functions below, one equation each) and a ``foreach`` path that applies each equation to all
+tensors at once with ``torch._foreach_*`` kernels (one call instead of one per tensor, no
+temporary copies of the weights, the saved ``w`` kept in buffers reused from step to step). The
+constructor's ``foreach`` chooses: ``None`` (default) takes the fast path whenever the tensors
+allow it, ``False`` the loop, ``True`` the fast path or an error; ``foreach_used`` says which one
+the last step took. The two agree to rounding (tests/test_torch_fast_paths.py).
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
+import operator
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -64,10 +74,68 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 Params = list[torch.Tensor]
 
+SMALL = 4096  # global_norm_foreach() flattens tensors of at most this many elements on average
+
 
 def global_norm(tree: Params) -> torch.Tensor:
     """``||v|| = sqrt(sum_i sum_j v_ij^2)``: one L2 norm over all tensors together."""
     return torch.sqrt(sum(torch.sum(v * v) for v in tree))
+
+
+def global_norm_foreach(tree: Params) -> torch.Tensor:
+    """The same ``||v||``, fast path, in whichever of two forms costs less.
+
+    Large tensors: the norm of the per-tensor norms (``torch._foreach_norm``), which reads each
+    tensor once. Many small ones (at most ``SMALL`` elements on average): one norm of all of them
+    flattened into one vector, since a kernel per tensor costs more than copying a few numbers.
+    """
+    if sum(map(torch.Tensor.numel, tree)) <= SMALL * len(tree):
+        return torch.linalg.vector_norm(torch._utils._flatten_dense_tensors(tree))
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tree)))
+
+
+def foreach_possible(params: Params, grads: Params) -> bool:
+    """Whether ``torch._foreach_*`` can take these tensors in one call: parameters on one device
+    and of one floating-point dtype, dense gradients (autograd gives a gradient its parameter's
+    dtype and device)."""
+    device, dtype = params[0].device, params[0].dtype
+    return (dtype.is_floating_point and all(p.dtype is dtype and p.device == device for p in params)
+            and not any(g.is_sparse for g in grads))
+
+
+def check_foreach(foreach: bool | None) -> None:
+    """``foreach`` is ``None`` (choose), ``True`` or ``False``."""
+    if foreach not in (None, True, False):
+        raise ValueError(f"foreach must be None, True or False, got {foreach!r}")
+
+
+def choose_foreach(foreach: bool | None, params: Params, grads: Params) -> bool:
+    """Resolve the ``foreach`` argument for one step's parameters and their gradients."""
+    if foreach is False:
+        return False
+    possible = foreach_possible(params, grads)
+    if foreach and not possible:
+        raise ValueError("foreach=True needs all parameters and gradients of a step dense, on "
+                         "one device and of one floating-point dtype; use foreach=None or False")
+    return possible
+
+
+class Buffers:
+    """One tensor like each of a list of parameters, kept from step to step: the fast path copies
+    ``w`` (and ``g``) into these instead of allocating new tensors at every step."""
+
+    def __init__(self) -> None:
+        self.params: Params = []
+        self.tensors: Params = []
+
+    def like(self, params: Params) -> Params:
+        """The buffers for ``params`` (of one dtype and device), new ones if the list changed."""
+        same = (len(params) == len(self.params) and all(map(operator.is_, params, self.params))
+                and self.tensors[0].dtype is params[0].dtype
+                and self.tensors[0].device == params[0].device)
+        if not same:
+            self.params, self.tensors = params, [torch.empty_like(p) for p in params]
+        return self.tensors
 
 
 def scale_operator(params: Params, eta: Sequence[float], adaptive: Sequence[bool]) -> Params:
@@ -107,6 +175,11 @@ class SAM(torch.optim.Optimizer):
         adaptive: ASAM: measure the ball in the metric of ``T_w = |w| + eta``.
         eta: ASAM's offset, so that zero weights are still perturbed.
         perturb_eps: added to the norm so that a zero gradient gives ``e = 0``.
+        foreach: ``None`` (default): the ``torch._foreach_*`` fast path whenever a step's
+            parameters and gradients are dense, on one device and of one floating-point dtype,
+            else the per-tensor loop; ``False``: always the loop; ``True``: always the fast path
+            (``ValueError`` at a step whose tensors do not allow it). ``foreach_used`` tells which
+            path the last ``first_step()`` took. The base optimizer chooses its own.
         **base_kwargs: options of the base optimizer (``lr``, ``momentum``, ``weight_decay``, ...).
 
     The base optimizer shares this optimizer's ``param_groups`` and ``state``: LR schedulers see
@@ -122,8 +195,10 @@ class SAM(torch.optim.Optimizer):
         adaptive: bool = False,
         eta: float = 0.0,
         perturb_eps: float = 1e-12,
+        foreach: bool | None = None,
         **base_kwargs,
     ) -> None:
+        check_foreach(foreach)
         if not (isinstance(base_optimizer, type)
                 and issubclass(base_optimizer, torch.optim.Optimizer)):
             raise ValueError(
@@ -135,12 +210,16 @@ class SAM(torch.optim.Optimizer):
         _check_non_negative(perturb_eps, "perturb_eps")
         super().__init__(params, dict(rho=rho, adaptive=adaptive, eta=eta, **base_kwargs))
         self.perturb_eps = perturb_eps
+        self.foreach = foreach
+        self.foreach_used: bool | None = None  # the path of the last first_step()
         self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
         self.param_groups = self.base_optimizer.param_groups
         self.state = self.base_optimizer.state
-        # w, saved in (2) for (4). Not in self.state: Adam initialises its moments only when
-        # state[p] is empty, and a checkpoint has no use for it.
-        self._saved_w: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        # The perturbed parameters and their w, saved in (2) for (4). Not in self.state: Adam
+        # initialises its moments only when state[p] is empty, and a checkpoint has no use for w.
+        self._perturbed: Params | None = None
+        self._saved_w: Params | None = None
+        self._w_buffers = Buffers()  # the fast path's saved w, reused from step to step
 
     def add_param_group(self, param_group: dict) -> None:
         """Add a group to both optimizers (one shared list): SAM's settings, then the base's.
@@ -165,7 +244,7 @@ class SAM(torch.optim.Optimizer):
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> None:
         """Steps (1)-(2): move the weights to ``w + e(w)``; ``p.grad`` must hold ``g``."""
-        if self._saved_w is not None:
+        if self._perturbed is not None:
             raise RuntimeError("first_step() called twice: call second_step() to restore w first")
         found = self._with_grad()
         if not found:
@@ -174,64 +253,132 @@ class SAM(torch.optim.Optimizer):
         params = [p for p, _ in found]
         # (1) gradient at the centre: the caller's backward pass at w left g in p.grad
         g = [p.grad for p in params]
-        if not torch.isfinite(global_norm(g)):
-            raise FloatingPointError("non-finite gradient at w; the weights were not changed")
-        e = perturbation(g, params,
-                         rho=[group["rho"] for _, group in found],
-                         adaptive=[group["adaptive"] for _, group in found],
-                         eta=[group["eta"] for _, group in found],
-                         perturb_eps=self.perturb_eps)
-        # (2) ascend to w + e(w)
-        self._saved_w = [(p, p.clone()) for p in params]
-        for p, e_p in zip(params, e):
-            p.add_(e_p)
+        self.foreach_used = choose_foreach(self.foreach, params, g)
+        if self.foreach_used:
+            self._ascend_foreach(params, g)
+        else:
+            if not torch.isfinite(global_norm(g)):
+                raise FloatingPointError("non-finite gradient at w; the weights were not changed")
+            e = perturbation(g, params,
+                             rho=[group["rho"] for _, group in found],
+                             adaptive=[group["adaptive"] for _, group in found],
+                             eta=[group["eta"] for _, group in found],
+                             perturb_eps=self.perturb_eps)
+            # (2) ascend to w + e(w)
+            self._saved_w = [p.clone() for p in params]
+            for p, e_p in zip(params, e):
+                p.add_(e_p)
+        self._perturbed = params
         if zero_grad:
             self.zero_grad()
+
+    def _groups_with_grad(self) -> list[tuple[dict, Params, Params]]:
+        """``(group, params, grads)`` for each group, its parameters with a gradient only."""
+        groups = []
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if params:
+                groups.append((group, params, [p.grad for p in params]))
+        return groups
+
+    def _g_norm_foreach(self, g: Params) -> float:
+        """``||g||`` on the host (the step's one synchronisation); raises if it is not finite."""
+        norm = global_norm_foreach(g).item()
+        if not math.isfinite(norm):
+            raise FloatingPointError("non-finite gradient at w; the weights were not changed")
+        return norm
+
+    def _save_w_foreach(self, params: Params) -> None:
+        """Fast path of ``w = p.clone()``: copy into the buffers kept from the last step."""
+        self._saved_w = self._w_buffers.like(params)
+        torch._foreach_copy_(self._saved_w, params)
+
+    def _ascend_foreach(self, params: Params, g: Params) -> None:
+        """Steps (1)-(2) on the fast path: ``perturbation()``'s equations, one kernel per term.
+
+        ``e_i = rho_i T_i^2 g_i / (||T g|| + eps)``; with ``T = 1`` (SAM) the norm is ``||g||``,
+        already computed for the finiteness check, and ``w += (rho / (||g|| + eps)) g`` is one
+        ``_foreach_add_`` per group.
+        """
+        g_norm = self._g_norm_foreach(g)
+        groups = {id(group): (group, ps, gs) for group, ps, gs in self._groups_with_grad()}
+        # T_i g_i (and T_i) for the adaptive groups, then the global norm of T g
+        scaled = {}
+        for key, (group, ps, gs) in groups.items():
+            if group["adaptive"]:
+                t = torch._foreach_abs(ps)
+                torch._foreach_add_(t, group["eta"])
+                scaled[key] = (t, torch._foreach_mul(t, gs))
+        if scaled:
+            norm = global_norm_foreach(
+                [tg for key, (_, _, gs) in groups.items()
+                 for tg in (scaled[key][1] if key in scaled else gs)]).item()
+        else:
+            norm = g_norm
+        # (2) ascend to w + e(w), keeping w
+        self._save_w_foreach(params)
+        for key, (group, ps, gs) in groups.items():
+            step = group["rho"] / (norm + self.perturb_eps)
+            if key in scaled:
+                t, tg = scaled[key]
+                torch._foreach_mul_(tg, t)  # T^2 g
+                torch._foreach_add_(ps, tg, alpha=step)
+            else:
+                torch._foreach_add_(ps, gs, alpha=step)
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> None:
         """Steps (3)-(5): restore ``w`` and take the base step; ``p.grad`` must hold ``g_adv``."""
-        if self._saved_w is None:
+        if self._perturbed is None:
             raise RuntimeError("second_step() called without first_step(): "
                                "there is no w to restore")
         # (3) gradient at the perturbed point, same batch: the caller's backward pass left g_adv
         g_adv = [p.grad for p, _ in self._with_grad()]
-        # (4) restore w exactly: copy the saved tensor back (subtracting e would not be exact)
-        for p, w in self._saved_w:
-            p.copy_(w)
-        self._saved_w = None
+        self._restore_w()
         if not g_adv:
             raise RuntimeError("second_step(): no gradient at w + e; "
                                "w was restored and not updated")
-        if not torch.isfinite(global_norm(g_adv)):
-            raise FloatingPointError("non-finite gradient at w + e; w was restored and not updated")
+        self._check_g_adv(g_adv)
         # (5) base step at w with d = g_adv
         self.base_optimizer.step()
         if zero_grad:
             self.zero_grad()
 
-    def _restore_w_for_every_perturbed_tensor(self) -> tuple[Params, Params]:
+    def _restore_w_for_every_perturbed_tensor(self) -> tuple[Params, Params, torch.Tensor]:
         """Steps (3)-(4) for variants that combine ``g`` and ``g_adv`` tensor by tensor.
 
-        Restores ``w`` exactly and returns ``(params, g_adv)`` for the perturbed tensors. Every one
+        Restores ``w`` exactly and returns ``(params, g_adv, ||g_adv||)`` for the perturbed
+        tensors. Every one
         of them must have a finite ``g_adv``; otherwise this raises after ``w`` is restored.
         """
-        if self._saved_w is None:
+        if self._perturbed is None:
             raise RuntimeError("second_step() called without first_step(): "
                                "there is no w to restore")
-        params = [p for p, _ in self._saved_w]
+        params = self._perturbed
         # (3) gradient at the perturbed point, same batch: the caller's backward pass left g_adv
         g_adv = [p.grad for p in params]
-        # (4) restore w exactly: copy the saved tensor back
-        for p, w in self._saved_w:
-            p.copy_(w)
-        self._saved_w = None
+        self._restore_w()
         if any(g_p is None for g_p in g_adv):
             raise RuntimeError("second_step(): no gradient at w + e for a parameter that had one "
                                "at w; w was restored and not updated")
-        if not torch.isfinite(global_norm(g_adv)):
+        return params, g_adv, self._check_g_adv(g_adv)
+
+    def _restore_w(self) -> None:
+        """Step (4): restore ``w`` exactly, copying the saved tensors back (subtracting ``e``
+        would not be exact)."""
+        if self.foreach_used:
+            torch._foreach_copy_(self._perturbed, self._saved_w)  # the buffers are kept
+        else:
+            for p, w in zip(self._perturbed, self._saved_w):
+                p.copy_(w)
+        self._perturbed, self._saved_w = None, None
+
+    def _check_g_adv(self, g_adv: Params) -> torch.Tensor:
+        """``||g_adv||``, global; raises ``FloatingPointError`` if it is not finite."""
+        norm = global_norm_foreach(g_adv) if self.foreach_used else global_norm(g_adv)
+        if not torch.isfinite(norm):
             raise FloatingPointError("non-finite gradient at w + e; w was restored and not updated")
-        return params, g_adv
+        return norm
 
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:

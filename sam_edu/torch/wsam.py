@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import torch
 
-from sam_edu.torch.sam import SAM, global_norm
+from sam_edu.torch.sam import SAM, Buffers, global_norm
 
 Params = list[torch.Tensor]
 
@@ -69,6 +69,8 @@ class WSAM(SAM):
         max_norm: if set, clip ``g_adv`` to this global norm before combining.
         adaptive: ASAM's perturbation ``e = rho w^2 g / (|| |w| g || + eps)``.
         perturb_eps: added to the norm so that a zero gradient gives ``e = 0``.
+        foreach: the ``torch._foreach_*`` fast path (``None``: when the tensors allow it), as in
+            :class:`sam_edu.torch.SAM`; ``foreach_used`` tells which path the last step took.
         **base_kwargs: options of the base optimizer (``lr``, ``momentum``, ``weight_decay``, ...).
 
     Groups also carry SAM's ``eta`` (0 here); a group that sets it gets ASAM's ``|w| + eta``.
@@ -84,24 +86,31 @@ class WSAM(SAM):
         max_norm: float | None = None,
         adaptive: bool = False,
         perturb_eps: float = 1e-12,
+        foreach: bool | None = None,
         **base_kwargs,
     ) -> None:
         self.a = sharpness_weight(gamma)
         if max_norm is not None and max_norm <= 0:
             raise ValueError(f"max_norm must be > 0 (or None), got {max_norm}")
         super().__init__(params, base_optimizer, rho=rho, adaptive=adaptive,
-                         perturb_eps=perturb_eps, **base_kwargs)
+                         perturb_eps=perturb_eps, foreach=foreach, **base_kwargs)
         self.gamma = gamma
         self.decouple = decouple
         self.max_norm = max_norm
         # g, saved in (1) for (5). Not in self.state, for the reason SAM keeps w out of it.
         self._g: Params | None = None
+        self._g_buffers = Buffers()  # the fast path's copy of g, reused from step to step
 
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> None:
         """Steps (1)-(2), exactly SAM's: move the weights to ``w + e(w)``, keeping ``g``."""
         super().first_step()
-        self._g = [p.grad.clone() for p, _ in self._saved_w]
+        g = [p.grad for p in self._perturbed]
+        if self.foreach_used:
+            self._g = self._g_buffers.like(self._perturbed)
+            torch._foreach_copy_(self._g, g)
+        else:
+            self._g = [g_p.clone() for g_p in g]
         if zero_grad:
             self.zero_grad()
 
@@ -110,7 +119,12 @@ class WSAM(SAM):
         """Steps (3)-(5): restore ``w`` and take the base step; ``p.grad`` must hold ``g_adv``."""
         g, self._g = self._g, None
         # (3) gradient at the perturbed point and (4) restore w, as in SAM
-        params, g_adv = self._restore_w_for_every_perturbed_tensor()
+        params, g_adv, g_adv_norm = self._restore_w_for_every_perturbed_tensor()
+        if self.foreach_used:
+            self._base_step_foreach(params, g, g_adv, g_adv_norm)
+            if zero_grad:
+                self.zero_grad()
+            return
         if self.max_norm is not None:
             g_adv = clip_by_global_norm(g_adv, self.max_norm)
         # (5) base step at w: coupled, with d = g + a (g_adv - g); decoupled, with g and then the
@@ -129,3 +143,25 @@ class WSAM(SAM):
                 p.sub_(lr[p] * self.a * s)
         if zero_grad:
             self.zero_grad()
+
+    def _base_step_foreach(self, params: Params, g: Params, g_adv: Params,
+                           g_adv_norm: torch.Tensor) -> None:
+        """Step (5) on the fast path: the same equations, in place in ``p.grad`` (``g_adv``).
+
+        Clipping scales ``g_adv`` by ``min(1, max_norm / (||g_adv|| + 1e-6))``, the norm already
+        computed for the finiteness check. Coupled: ``d = g_adv + (1 - a)(g - g_adv)``, one
+        ``_foreach_lerp_``. Decoupled: ``s = g_adv - g``, base step with ``g``, ``w -= lr a s``.
+        """
+        if self.max_norm is not None:
+            torch._foreach_mul_(g_adv, torch.clamp(self.max_norm / (g_adv_norm + 1e-6), max=1.0))
+        if not self.decouple:
+            torch._foreach_lerp_(g_adv, g, 1.0 - self.a)
+            self.base_optimizer.step()
+            return
+        sharpness = dict(zip(params, torch._foreach_sub(g_adv, g)))
+        torch._foreach_copy_(g_adv, g)
+        self.base_optimizer.step()
+        for group in self.param_groups:
+            ps = [p for p in group["params"] if p in sharpness]
+            if ps:
+                torch._foreach_add_(ps, [sharpness[p] for p in ps], alpha=-group["lr"] * self.a)
