@@ -105,7 +105,7 @@ def foreach_possible(params: Params, grads: Params) -> bool:
 
 def check_foreach(foreach: bool | None) -> None:
     """``foreach`` is ``None`` (choose), ``True`` or ``False``."""
-    if foreach not in (None, True, False):
+    if not (foreach is None or isinstance(foreach, bool)):
         raise ValueError(f"foreach must be None, True or False, got {foreach!r}")
 
 

@@ -1,0 +1,148 @@
+"""The torch optimizers' foreach fast paths give the numbers of their readable per-tensor loops.
+
+Each case runs the same steps twice from the same start, ``foreach=False`` and ``foreach=True``,
+on a model with two parameter groups and a frozen tensor, and compares weights and state.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sam_edu.torch import GSAM, SAM, WSAM, LookSAM
+
+STEPS = 4
+
+
+def make_params(dtype):
+    torch.manual_seed(0)
+    shapes = [(5, 4), (4,), (4, 3), (3,)]
+    params = [torch.nn.Parameter(torch.randn(s, dtype=dtype)) for s in shapes]
+    frozen = torch.nn.Parameter(torch.randn(3, dtype=dtype), requires_grad=False)
+    return params, frozen
+
+
+def loss_fn(params, frozen, x):
+    w1, b1, w2, b2 = params
+    return (torch.tanh(x @ w1 + b1) @ w2 + b2 + frozen).pow(2).mean()
+
+
+def run(make_optimizer, dtype, foreach):
+    params, frozen = make_params(dtype)
+    groups = [{"params": params[:2]}, {"params": params[2:] + [frozen], "lr": 0.05}]
+    optimizer = make_optimizer(groups, foreach)
+    x = torch.randn(8, 5, dtype=dtype, generator=torch.Generator().manual_seed(1))
+
+    def closure():
+        optimizer.zero_grad()
+        loss = loss_fn(params, frozen, x)
+        loss.backward()
+        return loss
+
+    for _ in range(STEPS):
+        optimizer.step(closure)
+        assert optimizer.foreach_used is foreach
+    return params, optimizer
+
+
+CASES = {
+    "sam": lambda g, fe: SAM(g, torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9, foreach=fe),
+    "asam": lambda g, fe: SAM([{**g[0], "adaptive": True, "eta": 0.01}, {**g[1], "rho": 0.2}],
+                              torch.optim.SGD, rho=0.5, lr=0.1, foreach=fe),
+    "sam_adam": lambda g, fe: SAM(g, torch.optim.Adam, rho=0.05, lr=0.01, foreach=fe),
+    "gsam": lambda g, fe: GSAM(g, torch.optim.SGD, rho=0.1, alpha=0.3, lr=0.1, foreach=fe),
+    "gsam_scheduled_adaptive": lambda g, fe: GSAM(g, torch.optim.SGD, rho=lambda t: 0.1 - 0.02 * t,
+                                                  adaptive=True, lr=0.1, foreach=fe),
+    "wsam_decoupled": lambda g, fe: WSAM(g, torch.optim.SGD, rho=0.1, gamma=0.8, lr=0.1,
+                                         momentum=0.9, foreach=fe),
+    "wsam_coupled_max_norm": lambda g, fe: WSAM(g, torch.optim.SGD, rho=0.1, gamma=0.8,
+                                                decouple=False, max_norm=0.05, lr=0.1,
+                                                foreach=fe),
+    "looksam_k1": lambda g, fe: LookSAM(g, torch.optim.SGD, rho=0.1, k=1, lr=0.1, foreach=fe),
+    "looksam_k3": lambda g, fe: LookSAM(g, torch.optim.SGD, rho=0.1, k=3, alpha=0.5, lr=0.1,
+                                        momentum=0.9, foreach=fe),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_foreach_gives_the_loops_numbers(name, dtype):
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
+    loop_params, loop = run(CASES[name], dtype, False)
+    fast_params, fast = run(CASES[name], dtype, True)
+    for a, b in zip(loop_params, fast_params):
+        torch.testing.assert_close(b, a, **tol)
+    loop_state, fast_state = loop.state_dict(), fast.state_dict()
+    assert loop_state.keys() == fast_state.keys()
+    for index, entry in loop_state["state"].items():
+        assert entry.keys() == fast_state["state"][index].keys()
+        for key, value in entry.items():
+            torch.testing.assert_close(fast_state["state"][index][key], value, **tol)
+
+
+def test_none_takes_the_fast_path_for_cpu_float_tensors_and_the_loop_for_mixed_dtypes():
+    p32 = torch.nn.Parameter(torch.randn(3))
+    p64 = torch.nn.Parameter(torch.randn(3, dtype=torch.float64))
+    for params, expected in (([p32], True), ([p32, p64], False)):
+        optimizer = SAM(params, torch.optim.SGD, lr=0.1)
+        for p in params:
+            p.grad = torch.ones_like(p)
+        optimizer.first_step()
+        optimizer.second_step()
+        assert optimizer.foreach_used is expected
+    optimizer = SAM([p32, p64], torch.optim.SGD, lr=0.1, foreach=True)
+    with pytest.raises(ValueError, match="foreach=True"):
+        optimizer.first_step()
+
+
+@pytest.mark.parametrize("bad", ["yes", 1, 0])
+def test_foreach_must_be_none_true_or_false(bad):
+    with pytest.raises(ValueError, match="foreach"):
+        SAM([torch.nn.Parameter(torch.randn(2))], torch.optim.SGD, lr=0.1, foreach=bad)
+
+
+def test_state_dict_round_trip_on_the_fast_path():
+    _, optimizer = run(CASES["looksam_k3"], torch.float64, True)
+    state = optimizer.state_dict()
+    clone = LookSAM([{"params": list(group["params"])} for group in optimizer.param_groups],
+                    torch.optim.SGD, rho=0.1, k=3, alpha=0.5, lr=0.1, momentum=0.9)
+    clone.load_state_dict(state)
+    reloaded = clone.state_dict()
+    assert reloaded["looksam_steps_taken"] == state["looksam_steps_taken"]
+    for index, entry in state["state"].items():
+        for key, value in entry.items():
+            assert torch.equal(reloaded["state"][index][key], value)
+
+
+@pytest.mark.parametrize("make", [CASES["sam"], CASES["gsam"], CASES["wsam_decoupled"],
+                                  CASES["looksam_k3"]])
+@pytest.mark.parametrize("where", ["w", "w + e"])
+def test_fast_path_non_finite_gradient_raises_and_restores_w(make, where):
+    params, frozen = make_params(torch.float64)
+    optimizer = make([{"params": params}], True)
+    before = [p.detach().clone() for p in params]
+    for p in params:
+        p.grad = torch.ones_like(p)
+    if where == "w":
+        params[1].grad[0] = float("nan")
+        with pytest.raises(FloatingPointError, match="at w;"):
+            optimizer.first_step()
+    else:
+        assert optimizer.first_step() is not False
+        for p in params:
+            p.grad = torch.ones_like(p)
+        params[1].grad[0] = float("inf")
+        with pytest.raises(FloatingPointError, match="w was restored"):
+            optimizer.second_step()
+    for p, w in zip(params, before):
+        assert torch.equal(p.detach(), w)
+
+
+def test_saved_copies_are_reused_between_steps():
+    params, optimizer = run(CASES["wsam_decoupled"], torch.float32, True)
+    buffers = list(optimizer._w_buffers.tensors)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    optimizer.first_step()
+    optimizer.second_step()
+    assert all(a is b for a, b in zip(optimizer._w_buffers.tensors, buffers))
