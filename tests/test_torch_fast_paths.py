@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sam_edu.torch import GSAM, SAM, WSAM, LookSAM
+from sam_edu.torch import BSAM, GSAM, SAM, WSAM, LookSAM
 
 STEPS = 4
 
@@ -58,6 +58,8 @@ CASES = {
     "wsam_coupled_max_norm": lambda g, fe: WSAM(g, torch.optim.SGD, rho=0.1, gamma=0.8,
                                                 decouple=False, max_norm=0.05, lr=0.1,
                                                 foreach=fe),
+    "bsam": lambda g, fe: BSAM([{**g[0], "rho": 0.02, "damping": 0.2}, g[1]], num_data=50, lr=0.1,
+                               seed=3, foreach=fe),
     "looksam_k1": lambda g, fe: LookSAM(g, torch.optim.SGD, rho=0.1, k=1, lr=0.1, foreach=fe),
     "looksam_k3": lambda g, fe: LookSAM(g, torch.optim.SGD, rho=0.1, k=3, alpha=0.5, lr=0.1,
                                         momentum=0.9, foreach=fe),
@@ -115,17 +117,19 @@ def test_state_dict_round_trip_on_the_fast_path():
 
 
 @pytest.mark.parametrize("make", [CASES["sam"], CASES["gsam"], CASES["wsam_decoupled"],
-                                  CASES["looksam_k3"]])
+                                  CASES["looksam_k3"], CASES["bsam"]])
 @pytest.mark.parametrize("where", ["w", "w + e"])
 def test_fast_path_non_finite_gradient_raises_and_restores_w(make, where):
     params, frozen = make_params(torch.float64)
-    optimizer = make([{"params": params}], True)
+    optimizer = make([{"params": params[:2]}, {"params": params[2:]}], True)
     before = [p.detach().clone() for p in params]
+    if isinstance(optimizer, BSAM):
+        optimizer.noisy_step()
     for p in params:
         p.grad = torch.ones_like(p)
     if where == "w":
         params[1].grad[0] = float("nan")
-        with pytest.raises(FloatingPointError, match="at w;"):
+        with pytest.raises(FloatingPointError, match="non-finite gradient at (w;|the noisy)"):
             optimizer.first_step()
     else:
         assert optimizer.first_step() is not False

@@ -29,6 +29,10 @@ The noise is drawn from a ``torch.Generator`` seeded with ``seed`` (one per devi
 global torch RNG when ``seed=None``; ``noisy_step(noise=...)`` takes an explicit draw instead, so
 the tests can feed the same noise to every framework.
 
+As in :class:`sam_edu.torch.SAM`, every update has a readable per-tensor form (the functions
+below) and a ``foreach`` fast path with the same equations written as ``torch._foreach_*`` calls,
+chosen by the ``foreach`` argument (``None``: whenever the tensors allow it).
+
 In ``sam_edu``'s numbering of the generic two-pass step, bSAM's pass 1 runs at ``w_noisy`` instead
 of ``w``: (1) ``g`` at the noisy point, (2) ascend to ``w_adv``, (3) ``g_adv`` there, (4) restore
 ``w`` exactly, (5) bSAM's own update 5-7. Two ways to drive it::
@@ -56,7 +60,8 @@ from collections.abc import Callable, Collection, Iterator, Sequence
 import torch
 
 from sam_edu.reference.bsam import check_bsam_arguments
-from sam_edu.torch.sam import global_norm
+from sam_edu.torch.sam import (Buffers, check_foreach, choose_foreach, global_norm,
+                               global_norm_foreach)
 
 Params = list[torch.Tensor]
 
@@ -109,6 +114,10 @@ class BSAM(torch.optim.Optimizer):
         s_init: the initial precision of every weight.
         seed: an int seeds one ``torch.Generator`` per device for the noise; ``None`` draws it
             from the global torch RNG (``torch.manual_seed``).
+        foreach: ``None`` (default): the ``torch._foreach_*`` fast path when the parameters are
+            dense, on one device and of one floating-point dtype, else the per-tensor loop;
+            ``False``: always the loop; ``True``: always the fast path (``ValueError`` when the
+            tensors do not allow it). ``foreach_used`` tells which path the last step took.
 
     Only parameters with ``requires_grad`` are perturbed and updated. ``state_dict()`` holds
     ``m``, ``s``, the step count and the generators' states, so a resumed run draws the noise an
@@ -127,7 +136,9 @@ class BSAM(torch.optim.Optimizer):
         damping: float = 0.1,
         s_init: float = 1.0,
         seed: int | None = None,
+        foreach: bool | None = None,
     ) -> None:
+        check_foreach(foreach)
         check_bsam_arguments(num_data, lr, beta1, beta2, weight_decay, rho, damping, s_init)
         if not (seed is None or (isinstance(seed, numbers.Integral)
                                  and not isinstance(seed, bool))):
@@ -139,6 +150,9 @@ class BSAM(torch.optim.Optimizer):
         self.seed = None if seed is None else int(seed)
         self.generators: dict[torch.device, torch.Generator] = {}
         self.steps_taken = 0
+        self.foreach = foreach
+        self.foreach_used: bool | None = None  # the path of the last noisy_step()
+        self._w_buffers, self._g_buffers = Buffers(), Buffers()  # the fast path's copies
         # w, saved by noisy_step() for (2) and (4), and g from (1), kept for update 7. Not in
         # self.state: a checkpoint has no use for them (it is taken between steps).
         self._saved_w: dict[torch.Tensor, torch.Tensor] | None = None
@@ -205,6 +219,16 @@ class BSAM(torch.optim.Optimizer):
             noise = [torch.as_tensor(n, dtype=p.dtype, device=p.device)
                      for n, p in zip(noise, params)]
         s = [self._precision(p) for p in params]
+        self.foreach_used = choose_foreach(self.foreach, params, [])
+        if self.foreach_used:
+            # the same update 1 on the fast path: w += n / sqrt(N s), w kept in reused buffers
+            saved = self._w_buffers.like(params)
+            torch._foreach_copy_(saved, params)
+            self._saved_w = dict(zip(params, saved))
+            sqrt_ns = torch._foreach_mul(s, float(self.num_data))
+            torch._foreach_sqrt_(sqrt_ns)
+            torch._foreach_addcdiv_(params, list(noise), sqrt_ns)
+            return
         self._saved_w = {p: p.clone() for p in params}
         for p, w_noisy in zip(params, posterior_sample(params, s, noise, self.num_data)):
             p.copy_(w_noisy)
@@ -212,8 +236,11 @@ class BSAM(torch.optim.Optimizer):
     def _end_step(self) -> None:
         """Copy the saved ``w`` back into every parameter (exactly: nothing is subtracted), and
         forget the step, so that the next ``noisy_step()`` starts afresh."""
-        for p, w in self._saved_w.items():
-            p.copy_(w)
+        if self.foreach_used:
+            torch._foreach_copy_(list(self._saved_w), list(self._saved_w.values()))
+        else:
+            for p, w in self._saved_w.items():
+                p.copy_(w)
         self._saved_w, self._g = None, None
 
     @torch.no_grad()
@@ -226,21 +253,36 @@ class BSAM(torch.optim.Optimizer):
             raise RuntimeError("first_step() called twice: call second_step() to restore w first")
         # (1) gradient at the noisy point: the caller's backward pass left g in p.grad. It is
         #     copied, since update 7 needs it after pass (3) has overwritten p.grad
-        g = {p: p.grad.clone() for p in self._saved_w if p.grad is not None}
-        if not g:
+        with_grad = [p for p in self._saved_w if p.grad is not None]
+        if not with_grad:
             self._end_step()
             raise RuntimeError("first_step(): no parameter has a gradient; call loss.backward() "
                                "at the noisy point first (w was restored)")
-        if not torch.isfinite(global_norm(list(g.values()))):
+        grads = [p.grad for p in with_grad]
+        norm = global_norm_foreach(grads) if self.foreach_used else global_norm(grads)
+        if not torch.isfinite(norm):
             self._end_step()
             raise FloatingPointError("non-finite gradient at the noisy point; "
                                      "w was restored and not updated")
+        if self.foreach_used:
+            copies = self._g_buffers.like(with_grad)
+            torch._foreach_copy_(copies, grads)
+            g = dict(zip(with_grad, copies))
+        else:
+            g = {p: g_p.clone() for p, g_p in zip(with_grad, grads)}
         # (2) ascend from w (not from the noisy point) to w + rho g / s
-        for p, w in self._saved_w.items():
-            p.copy_(w)
+        if self.foreach_used:
+            torch._foreach_copy_(list(self._saved_w), list(self._saved_w.values()))
+        else:
+            for p, w in self._saved_w.items():
+                p.copy_(w)
         for group, params in self._by_group(g):
             s = [self.state[p]["precision"] for p in params]
-            for p, e_p in zip(params, bsam_perturbation([g[p] for p in params], s, group["rho"])):
+            g_group = [g[p] for p in params]
+            if self.foreach_used:  # the same e = rho g / s
+                torch._foreach_addcdiv_(params, g_group, s, value=group["rho"])
+                continue
+            for p, e_p in zip(params, bsam_perturbation(g_group, s, group["rho"])):
                 p.add_(e_p)
         self._g = g
         if zero_grad:
@@ -260,10 +302,15 @@ class BSAM(torch.optim.Optimizer):
         if any(g_p is None for g_p in g_adv.values()):
             raise RuntimeError("second_step(): no gradient at w + e for a parameter that had one "
                                "at the noisy point; w was restored and not updated")
-        if not torch.isfinite(global_norm(list(g_adv.values()))):
+        norm = (global_norm_foreach if self.foreach_used else global_norm)(list(g_adv.values()))
+        if not torch.isfinite(norm):
             raise FloatingPointError("non-finite gradient at w + e; w was restored and not updated")
         # (5) bSAM's own step: momentum, mean (with the old s), then precision
         for group, params in self._by_group(g):
+            if self.foreach_used:
+                self._update_foreach(group, params, [g_adv[p] for p in params],
+                                     [g[p] for p in params])
+                continue
             states = [self.state[p] for p in params]
             s = [state["precision"] for state in states]
             m = bsam_momentum([state["momentum"] for state in states], [g_adv[p] for p in params],
@@ -278,6 +325,25 @@ class BSAM(torch.optim.Optimizer):
         self.steps_taken += 1
         if zero_grad:
             self.zero_grad()
+
+    def _update_foreach(self, group: dict, params: Params, g_adv: Params, g: Params) -> None:
+        """Updates 5-7 on the fast path, in place, for one group (``g``: our copies, consumed)."""
+        m = [self.state[p]["momentum"] for p in params]
+        s = [self.state[p]["precision"] for p in params]
+        delta = group["weight_decay"]
+        # 5. m <- beta1 m + (1 - beta1)(g_adv + delta w)
+        torch._foreach_mul_(m, group["beta1"])
+        torch._foreach_add_(m, torch._foreach_add(g_adv, params, alpha=delta),
+                            alpha=1 - group["beta1"])
+        # 6. w <- w - lr m / s
+        torch._foreach_addcdiv_(params, m, s, value=-group["lr"])
+        # 7. s <- beta2 s + (1 - beta2)(sqrt(s) |g| + damping + delta)
+        torch._foreach_abs_(g)
+        sqrt_s_g = torch._foreach_sqrt(s)
+        torch._foreach_mul_(sqrt_s_g, g)
+        torch._foreach_add_(sqrt_s_g, group["damping"] + delta)
+        torch._foreach_mul_(s, group["beta2"])
+        torch._foreach_add_(s, sqrt_s_g, alpha=1 - group["beta2"])
 
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
