@@ -129,13 +129,13 @@ class GSAM(SAM):
         """Steps (1)-(2): move the weights to ``w + e(w)``; ``p.grad`` must hold ``g``."""
         if self._perturbed is not None:
             raise RuntimeError("first_step() called twice: call second_step() to restore w first")
-        found = self._with_grad()
-        if not found:
+        groups = self._groups_with_grad()
+        if not groups:
             raise RuntimeError("first_step(): no parameter has a gradient; "
                                "call loss.backward() at w first")
-        params = [p for p, _ in found]
+        params = [p for _, ps, _ in groups for p in ps]
         # (1) gradient at the centre: the caller's backward pass at w left g in p.grad
-        g = [p.grad for p in params]
+        g = [g_p for _, _, gs in groups for g_p in gs]
         self.foreach_used = choose_foreach(self.foreach, params, g)
         if not self.foreach_used and not torch.isfinite(global_norm(g)):
             raise FloatingPointError("non-finite gradient at w; the weights were not changed")
@@ -144,11 +144,12 @@ class GSAM(SAM):
             for group in self.param_groups:
                 group["rho"] = rho_t
         if self.foreach_used:
-            self._ascend_foreach(params, g)
+            self._ascend_foreach(groups, params, g)
         else:
+            group_of = [group for group, ps, _ in groups for _ in ps]  # each tensor's group
             e = gsam_perturbation(g, params,
-                                  rho=[group["rho"] for _, group in found],
-                                  adaptive=[group["adaptive"] for _, group in found],
+                                  rho=[group["rho"] for group in group_of],
+                                  adaptive=[group["adaptive"] for group in group_of],
                                   perturb_eps=self.perturb_eps)
             # (2) ascend to w + e(w), keeping w for (4) and g for (5)
             self._saved_w = [p.clone() for p in params]
@@ -159,7 +160,8 @@ class GSAM(SAM):
         if zero_grad:
             self.zero_grad()
 
-    def _ascend_foreach(self, params: Params, g: Params) -> None:
+    def _ascend_foreach(self, groups: list[tuple[dict, Params, Params]], params: Params,
+                        g: Params) -> None:
         """Steps (1)-(2) on the fast path: ``gsam_perturbation()``, one kernel per group.
 
         ``w += (rho / (||g|| + eps)) g``, or ``w += (rho / (||g|| + eps)) |w| g`` (adaptive).
@@ -168,7 +170,7 @@ class GSAM(SAM):
         self._save_w_foreach(params)
         self._g = self._g_buffers.like(params)
         torch._foreach_copy_(self._g, g)
-        for group, ps, gs in self._groups_with_grad():
+        for group, ps, gs in groups:
             step = group["rho"] / (g_norm + self.perturb_eps)
             if group["adaptive"]:
                 torch._foreach_addcmul_(ps, torch._foreach_abs(ps), gs, value=step)

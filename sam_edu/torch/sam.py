@@ -98,8 +98,9 @@ def foreach_possible(params: Params, grads: Params) -> bool:
     """Whether ``torch._foreach_*`` can take these tensors in one call: parameters on one device
     and of one floating-point dtype, dense gradients (autograd gives a gradient its parameter's
     dtype and device)."""
-    device, dtype = params[0].device, params[0].dtype
-    return (dtype.is_floating_point and all(p.dtype is dtype and p.device == device for p in params)
+    device, dtype = params[0].get_device(), params[0].dtype  # get_device(): -1 on the CPU
+    return (dtype.is_floating_point
+            and all(p.dtype is dtype and p.get_device() == device for p in params)
             and not any(g.is_sparse for g in grads))
 
 
@@ -246,23 +247,24 @@ class SAM(torch.optim.Optimizer):
         """Steps (1)-(2): move the weights to ``w + e(w)``; ``p.grad`` must hold ``g``."""
         if self._perturbed is not None:
             raise RuntimeError("first_step() called twice: call second_step() to restore w first")
-        found = self._with_grad()
-        if not found:
+        groups = self._groups_with_grad()
+        if not groups:
             raise RuntimeError("first_step(): no parameter has a gradient; "
                                "call loss.backward() at w first")
-        params = [p for p, _ in found]
+        params = [p for _, ps, _ in groups for p in ps]
         # (1) gradient at the centre: the caller's backward pass at w left g in p.grad
-        g = [p.grad for p in params]
+        g = [g_p for _, _, gs in groups for g_p in gs]
         self.foreach_used = choose_foreach(self.foreach, params, g)
         if self.foreach_used:
-            self._ascend_foreach(params, g)
+            self._ascend_foreach(groups, params, g)
         else:
             if not torch.isfinite(global_norm(g)):
                 raise FloatingPointError("non-finite gradient at w; the weights were not changed")
+            group_of = [group for group, ps, _ in groups for _ in ps]  # each tensor's group
             e = perturbation(g, params,
-                             rho=[group["rho"] for _, group in found],
-                             adaptive=[group["adaptive"] for _, group in found],
-                             eta=[group["eta"] for _, group in found],
+                             rho=[group["rho"] for group in group_of],
+                             adaptive=[group["adaptive"] for group in group_of],
+                             eta=[group["eta"] for group in group_of],
                              perturb_eps=self.perturb_eps)
             # (2) ascend to w + e(w)
             self._saved_w = [p.clone() for p in params]
@@ -293,7 +295,8 @@ class SAM(torch.optim.Optimizer):
         self._saved_w = self._w_buffers.like(params)
         torch._foreach_copy_(self._saved_w, params)
 
-    def _ascend_foreach(self, params: Params, g: Params) -> None:
+    def _ascend_foreach(self, groups: list[tuple[dict, Params, Params]], params: Params,
+                        g: Params) -> None:
         """Steps (1)-(2) on the fast path: ``perturbation()``'s equations, one kernel per term.
 
         ``e_i = rho_i T_i^2 g_i / (||T g|| + eps)``; with ``T = 1`` (SAM) the norm is ``||g||``,
@@ -301,7 +304,7 @@ class SAM(torch.optim.Optimizer):
         ``_foreach_add_`` per group.
         """
         g_norm = self._g_norm_foreach(g)
-        groups = {id(group): (group, ps, gs) for group, ps, gs in self._groups_with_grad()}
+        groups = {id(group): (group, ps, gs) for group, ps, gs in groups}
         # T_i g_i (and T_i) for the adaptive groups, then the global norm of T g
         scaled = {}
         for key, (group, ps, gs) in groups.items():
@@ -333,7 +336,8 @@ class SAM(torch.optim.Optimizer):
             raise RuntimeError("second_step() called without first_step(): "
                                "there is no w to restore")
         # (3) gradient at the perturbed point, same batch: the caller's backward pass left g_adv
-        g_adv = [p.grad for p, _ in self._with_grad()]
+        g_adv = [p.grad for group in self.param_groups for p in group["params"]
+                 if p.grad is not None]
         self._restore_w()
         if not g_adv:
             raise RuntimeError("second_step(): no gradient at w + e; "
