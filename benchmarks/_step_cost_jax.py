@@ -193,7 +193,7 @@ def build(case: str, sizes: dict, hp: dict, peer_foreach: bool, seed: int) -> tu
         ("WSAM", "sam_edu.jax.wsam", wsam(sgd, learning_rate=lr, rho=rho, gamma=hp["wsam_gamma"]),
          True, "floor", None, two),
         ("bSAM", "sam_edu.jax.bsam: update(None, ..., grad_fn)",
-         bsam(hp["bsam_num_data"], learning_rate=hp["bsam_lr"], rho=rho, seed=seed), False,
+         bsam(hp["bsam_num_data"], learning_rate=hp["bsam_lr"], rho=hp["bsam_rho"], seed=seed), False,
          "floor bSAM", None, two),
         (f"LookSAM k={k}", "sam_edu.jax.looksam",
          looksam(sgd, rho=rho, k=k, alpha=hp["looksam_alpha"]), True, f"floor LookSAM k={k}",

@@ -201,7 +201,7 @@ def build(case: str, sizes: dict, hp: dict, peer_foreach: bool, seed: int) -> tu
         ("WSAM", "sam_edu.tf.WSAM",
          lambda: WSAM(None, sgd(), rho=rho, gamma=hp["wsam_gamma"]), sam_body, two),
         ("bSAM", "sam_edu.tf.BSAM",
-         lambda: BSAM(hp["bsam_num_data"], lr=hp["bsam_lr"], rho=rho, seed=seed), bsam_body,
+         lambda: BSAM(hp["bsam_num_data"], lr=hp["bsam_lr"], rho=hp["bsam_rho"], seed=seed), bsam_body,
          two),
         (f"LookSAM k={k}", "sam_edu.tf.LookSAM",
          lambda: LookSAM(sgd(), rho=rho, k=k, alpha=hp["looksam_alpha"]), looksam_body,

@@ -48,7 +48,7 @@ def build(case: str, sizes: dict, hp: dict, peer_foreach: bool, seed: int) -> tu
     base_kwargs = dict(lr=lr, momentum=momentum)
     peer_kwargs = dict(foreach=True) if peer_foreach else {}
     k, la = hp["looksam_k"], hp["looksam_alpha"]
-    bsam_kwargs = dict(num_data=hp["bsam_num_data"], lr=hp["bsam_lr"], rho=rho)
+    bsam_kwargs = dict(num_data=hp["bsam_num_data"], lr=hp["bsam_lr"], rho=hp["bsam_rho"])
     if case == "tensors":
         return _build_tensors(sizes, hp, base_kwargs, peer_kwargs, bsam_kwargs, seed)
 

@@ -47,6 +47,13 @@ and each timed block ends with ``block_until_ready``. TensorFlow: each whole ste
 ``mode`` records which. The base and the floor are also timed without XLA (``SGD (graph)``,
 ``floor (graph)``), so both comparisons are at hand.
 
+Hyperparameters (``settings.hyperparameters``): lr 0.01, momentum 0.9, rho 0.05 (ASAM 0.5 with
+eta 0.01), GSAM alpha 0.4, WSAM gamma 0.9, LookSAM k 5 and alpha 0.7, the same for ours and the
+peers. bSAM (ours and the peer): N = 50000, lr 0.01 and rho 0.001: ``pytorch_optimizer.BSAM``
+never moves back from its noisy and ascended points (its step adds ``n`` and ``rho g / s`` to the
+weights for good), so with rho 0.05 its weights turn NaN within ~40 steps of the CNN; a step's
+cost does not depend on rho.
+
 Timing, as in ``benchmarks/looksam_step_time.py``: before timing, one step of every row checks
 that the weights changed and stayed finite (an optimizer that changes nothing stops the run);
 then warm-up steps; then ``--repeats`` rounds, each timing one block of ``--steps`` steps per row
@@ -71,7 +78,8 @@ JSON schema (``schema_version`` 1), written to ``--out`` (default
     settings: {frameworks, cases, repeats, steps_per_repeat, tensors_steps_per_repeat,
                warmup_steps, threads, seed, tiny, peer_foreach,
                hyperparameters: {lr, momentum, rho, asam_rho, asam_eta, gsam_alpha,
-                                 wsam_gamma, looksam_k, looksam_alpha, bsam_num_data, bsam_lr},
+                                 wsam_gamma, looksam_k, looksam_alpha, bsam_num_data, bsam_lr,
+                                 bsam_rho},
                sizes: {cnn: {batch, image_size, channels}, mlp: {batch, widths},
                        tensors: {tensors, width}}}
     runs: list of {framework, case, parameters, tensors, input_shape (or null),
@@ -111,13 +119,14 @@ CASES = ("cnn", "mlp", "tensors")
 
 HYPERPARAMETERS = dict(lr=0.01, momentum=0.9, rho=0.05, asam_rho=0.5, asam_eta=0.01,
                        gsam_alpha=0.4, wsam_gamma=0.9, looksam_k=5, looksam_alpha=0.7,
-                       bsam_num_data=50_000, bsam_lr=0.01)
+                       bsam_num_data=50_000, bsam_lr=0.01, bsam_rho=0.001)
 SIZES = dict(cnn=dict(batch=32, image_size=32, channels=32),
              mlp=dict(batch=64, widths=[3072, 1024, 1024, 1024, 10]),
              tensors=dict(tensors=200, width=32))
 TINY_SIZES = dict(cnn=dict(batch=2, image_size=8, channels=4),
                   mlp=dict(batch=4, widths=[48, 16, 16, 16, 10]),
                   tensors=dict(tensors=20, width=4))
+DEFAULT_TIMING = dict(repeats=8, steps=5, tensors_steps=20, warmup=5)
 TINY_TIMING = dict(repeats=2, steps=5, tensors_steps=5, warmup=5)
 
 
@@ -129,15 +138,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=ROOT / "book" / "results" / "step_cost_cpu.json",
                    help="where to write the JSON results")
     p.add_argument("--repeats", type=int, default=None,
-                   help="timed rounds (default 10; --tiny: 2)")
+                   help="timed rounds (default 8; --tiny: 2)")
     p.add_argument("--steps", type=int, default=None,
                    help="steps per timed block, cases cnn and mlp; a multiple of k=5 "
-                        "(default 10; --tiny: 5)")
+                        "(default 5; --tiny: 5)")
     p.add_argument("--tensors-steps", type=int, default=None,
-                   help="steps per timed block, case tensors; a multiple of 5 (default 50)")
+                   help="steps per timed block, case tensors; a multiple of 5 (default 20)")
     p.add_argument("--warmup", type=int, default=None,
                    help="untimed steps per row, the guard step included; a multiple of 5, "
-                        ">= 5 (default 10; --tiny: 5)")
+                        ">= 5 (default 5)")
     p.add_argument("--threads", type=int, default=1, help="threads per framework")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tiny", action="store_true",
@@ -148,8 +157,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--worker", choices=FRAMEWORKS, help=argparse.SUPPRESS)
     p.add_argument("--part-out", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    defaults = TINY_TIMING if args.tiny else dict(repeats=10, steps=10, tensors_steps=50,
-                                                  warmup=10)
+    defaults = TINY_TIMING if args.tiny else DEFAULT_TIMING
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
