@@ -23,6 +23,12 @@ This is ``sam_edu.reference.looksam`` written in JAX's idiom, with the conventio
 exception when a gradient is not finite. The choice between the two kinds of step depends on the
 step count, a traced value under ``jax.jit``, so it is a ``jax.lax.cond``: both branches are
 traced once, and only the chosen one runs, so ``grad_fn`` is *evaluated* only on SAM steps.
+
+On a CPU that branch needs care: XLA:CPU puts only the convolutions at the top level of a
+program into the layout of its fast kernels, so the backward pass of a CNN inside the branch ran
+as plain loops, about 30 times slower than SAM's (0.45 s against 0.03 s per step for a small CNN
+on digits). The SAM branch therefore evaluates ``grad_fn`` through
+:func:`canonical_convolutions` on CPUs, which writes the canonical layout itself.
 """
 
 from __future__ import annotations
@@ -31,9 +37,11 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax import lax
 
 from sam_edu.jax.sam import Flags, Params, _check_non_negative, ascend, global_norm, perturbation
 
@@ -59,6 +67,79 @@ def looksam_direction(grads: Params, g_v: Params, alpha: float = 0.7,
     """The cheap step's ``d = g + alpha * (||g|| / (||g_v|| + eps)) * g_v``."""
     scale = alpha * global_norm(grads) / (global_norm(g_v) + perturb_eps)
     return jax.tree.map(lambda g, v: g + scale * v, grads, g_v)
+
+
+def _canonical_convolution(lhs, rhs, *, dimension_numbers, **params):
+    """One ``conv_general_dilated`` in XLA:CPU's canonical layout, transposed in and out.
+
+    Canonical is ``lhs = (batch, spatial..., feature)``, ``rhs = (spatial..., in, out)``, ``out``
+    like ``lhs`` (``b01f_01io->b01f``), the form XLA's ``ConvCanonicalization`` pass produces; the
+    spatial order, and with it every window parameter, is kept. Only the layout changes.
+    """
+    lhs_spec, rhs_spec, out_spec = dimension_numbers
+    n = len(lhs_spec) - 2
+    canonical = lax.ConvDimensionNumbers((0, n + 1, *range(1, n + 1)),
+                                         (n + 1, n, *range(n)),
+                                         (0, n + 1, *range(1, n + 1)))
+    if tuple(map(tuple, dimension_numbers)) == tuple(map(tuple, canonical)):
+        return lax.conv_general_dilated_p.bind(lhs, rhs, dimension_numbers=dimension_numbers,
+                                               **params)
+    out = lax.conv_general_dilated_p.bind(
+        lax.transpose(lhs, (lhs_spec[0], *lhs_spec[2:], lhs_spec[1])),
+        lax.transpose(rhs, (*rhs_spec[2:], rhs_spec[1], rhs_spec[0])),
+        dimension_numbers=canonical, **params)
+    to_canonical = (out_spec[0], *out_spec[2:], out_spec[1])
+    return lax.transpose(out, tuple(int(i) for i in np.argsort(to_canonical)))
+
+
+def _eval_canonical(jaxpr, consts, *args):
+    """``jax.core.eval_jaxpr`` with every convolution made canonical, nested jits inlined."""
+    env = {}
+
+    def read(v):
+        return v.val if isinstance(v, jax.extend.core.Literal) else env[v]
+
+    env.update(zip(jaxpr.constvars, consts))
+    env.update(zip(jaxpr.invars, args))
+    for eqn in jaxpr.eqns:
+        invals = [read(v) for v in eqn.invars]
+        if eqn.primitive is lax.conv_general_dilated_p:
+            outvals = [_canonical_convolution(*invals, **eqn.params)]
+        elif eqn.primitive.name in ("pjit", "jit"):  # a nested jax.jit: its convolutions too
+            inner = eqn.params["jaxpr"]
+            outvals = _eval_canonical(inner.jaxpr, inner.consts, *invals)
+        else:  # as jax.core.eval_jaxpr binds it
+            with eqn.ctx.manager:
+                outvals = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
+            if not eqn.primitive.multiple_results:
+                outvals = [outvals]
+        for v, x in zip(eqn.outvars, outvals):
+            if not isinstance(v, jax.extend.core.DropVar):
+                env[v] = x
+    return [read(v) for v in jaxpr.outvars]
+
+
+def canonical_convolutions(fn: Callable[[Params], Params]) -> Callable[[Params], Params]:
+    """``fn`` with every convolution it runs written in XLA:CPU's canonical layout.
+
+    Why LookSAM needs it: its pass 2 sits in a ``lax.cond`` branch, and XLA:CPU rewrites only
+    the *top-level* convolutions of a program into the layout its fast convolution kernels take
+    (the ``ConvCanonicalization`` pass, "all top-level convolutions"). Inside a branch, the
+    backward pass's convolutions (input gradient ``b01f_01oi->b01f``, kernel gradient
+    ``f01b_i01o->01bf``) stay as they are and are emitted as plain loops: a small CNN's pass 2
+    ran about 30 times slower in the branch than at the top level (``jax.jit(f).lower(...)
+    .compile().as_text()`` shows the loops). So the branch traces ``fn`` to a jaxpr and
+    evaluates it with each convolution transposed into the canonical layout and back (what the
+    pass does at the top level); the math is unchanged. Other primitives run as they are.
+    Not covered: the kernel gradient of a grouped or depthwise convolution, which XLA rewrites
+    (``batch_group_count``) after this and leaves in a loop inside the branch.
+    """
+    def canonical(params):
+        closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(params)
+        leaves = _eval_canonical(closed.jaxpr, closed.consts, *jax.tree.leaves(params))
+        return jax.tree.unflatten(jax.tree.structure(out_shape), leaves)
+
+    return canonical
 
 
 class LookSAMState(NamedTuple):
@@ -142,8 +223,10 @@ def looksam(
         def sam_step():
             # (2) ascend to w + e(w) (SAM, or ASAM with eta = 0)
             perturbed = ascend(params, perturbation(g, params, rho, adaptive, 0.0, perturb_eps))
-            # (3) gradient at the perturbed point, same batch
-            g_adv = grad_fn(perturbed)
+            # (3) gradient at the perturbed point, same batch; on a CPU with its convolutions
+            #     in the layout of XLA's fast kernels, which a cond branch does not get by itself
+            g_adv = lax.platform_dependent(perturbed, cpu=canonical_convolutions(grad_fn),
+                                           default=grad_fn)
             # (4) restore w: JAX is functional, so ``params`` was never changed
             # d = g_adv, keeping g_v for the next k - 1 steps
             return (g_adv, orthogonal_component(g_adv, g, perturb_eps),
