@@ -157,6 +157,7 @@ class BSAM(torch.optim.Optimizer):
         # self.state: a checkpoint has no use for them (it is taken between steps).
         self._saved_w: dict[torch.Tensor, torch.Tensor] | None = None
         self._g: dict[torch.Tensor, torch.Tensor] | None = None
+        self._root_s: dict[torch.Tensor, torch.Tensor] | None = None  # fast path: sqrt(s)
 
     def add_param_group(self, param_group: dict) -> None:
         """Check the group's settings, then add it (works after construction too)."""
@@ -221,13 +222,14 @@ class BSAM(torch.optim.Optimizer):
         s = [self._precision(p) for p in params]
         self.foreach_used = choose_foreach(self.foreach, params, [])
         if self.foreach_used:
-            # the same update 1 on the fast path: w += n / sqrt(N s), w kept in reused buffers
+            # the same update 1 on the fast path: w += (n / sqrt(s)) / sqrt(N), w kept in reused
+            # buffers and sqrt(s) for update 7 (s does not change before it)
             saved = self._w_buffers.like(params)
             torch._foreach_copy_(saved, params)
             self._saved_w = dict(zip(params, saved))
-            sqrt_ns = torch._foreach_mul(s, float(self.num_data))
-            torch._foreach_sqrt_(sqrt_ns)
-            torch._foreach_addcdiv_(params, list(noise), sqrt_ns)
+            root_s = torch._foreach_sqrt(s)
+            torch._foreach_addcdiv_(params, list(noise), root_s, value=self.num_data ** -0.5)
+            self._root_s = dict(zip(params, root_s))
             return
         self._saved_w = {p: p.clone() for p in params}
         for p, w_noisy in zip(params, posterior_sample(params, s, noise, self.num_data)):
@@ -241,7 +243,7 @@ class BSAM(torch.optim.Optimizer):
         else:
             for p, w in self._saved_w.items():
                 p.copy_(w)
-        self._saved_w, self._g = None, None
+        self._saved_w, self._g, self._root_s = None, None, None
 
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> None:
@@ -294,7 +296,7 @@ class BSAM(torch.optim.Optimizer):
         if self._g is None:
             raise RuntimeError("second_step() called without first_step(): there is no "
                                "gradient from the noisy point")
-        g = self._g
+        g, root_s = self._g, self._root_s
         # (3) gradient at the perturbed point, same batch: the caller's backward pass left g_adv
         g_adv = {p: p.grad for p in g}
         # (4) restore w exactly: copy the saved tensor back (subtracting e would not be exact)
@@ -309,7 +311,7 @@ class BSAM(torch.optim.Optimizer):
         for group, params in self._by_group(g):
             if self.foreach_used:
                 self._update_foreach(group, params, [g_adv[p] for p in params],
-                                     [g[p] for p in params])
+                                     [g[p] for p in params], [root_s[p] for p in params])
                 continue
             states = [self.state[p] for p in params]
             s = [state["precision"] for state in states]
@@ -326,24 +328,26 @@ class BSAM(torch.optim.Optimizer):
         if zero_grad:
             self.zero_grad()
 
-    def _update_foreach(self, group: dict, params: Params, g_adv: Params, g: Params) -> None:
-        """Updates 5-7 on the fast path, in place, for one group (``g``: our copies, consumed)."""
+    def _update_foreach(self, group: dict, params: Params, g_adv: Params, g: Params,
+                        root_s: Params) -> None:
+        """Updates 5-7 on the fast path, in place, for one group (``g`` and ``root_s = sqrt(s)``
+        from ``noisy_step()``: our tensors, consumed).
+
+        ``beta x + (1 - beta) y`` is ``lerp(x, y, 1 - beta)``: one kernel per moving average.
+        """
         m = [self.state[p]["momentum"] for p in params]
         s = [self.state[p]["precision"] for p in params]
         delta = group["weight_decay"]
         # 5. m <- beta1 m + (1 - beta1)(g_adv + delta w)
-        torch._foreach_mul_(m, group["beta1"])
-        torch._foreach_add_(m, torch._foreach_add(g_adv, params, alpha=delta),
-                            alpha=1 - group["beta1"])
+        torch._foreach_lerp_(m, torch._foreach_add(g_adv, params, alpha=delta) if delta else g_adv,
+                             1 - group["beta1"])
         # 6. w <- w - lr m / s
         torch._foreach_addcdiv_(params, m, s, value=-group["lr"])
         # 7. s <- beta2 s + (1 - beta2)(sqrt(s) |g| + damping + delta)
         torch._foreach_abs_(g)
-        sqrt_s_g = torch._foreach_sqrt(s)
-        torch._foreach_mul_(sqrt_s_g, g)
-        torch._foreach_add_(sqrt_s_g, group["damping"] + delta)
-        torch._foreach_mul_(s, group["beta2"])
-        torch._foreach_add_(s, sqrt_s_g, alpha=1 - group["beta2"])
+        torch._foreach_mul_(root_s, g)  # sqrt(s) |g|
+        torch._foreach_add_(root_s, group["damping"] + delta)
+        torch._foreach_lerp_(s, root_s, 1 - group["beta2"])
 
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
