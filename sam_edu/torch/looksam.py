@@ -137,11 +137,11 @@ class LookSAM(SAM):
             if zero_grad:
                 self.zero_grad()
             return True
-        found = self._with_grad()
-        if not found:
+        groups = self._groups_with_grad()
+        if not groups:
             raise RuntimeError("first_step(): no parameter has a gradient; "
                                "call loss.backward() at w first")
-        params = [p for p, _ in found]
+        params = [p for _, ps, _ in groups for p in ps]
         # (1) gradient at the centre: the caller's backward pass at w left g in p.grad
         g = [p.grad for p in params]
         self.foreach_used = choose_foreach(self.foreach, params, g)

@@ -237,11 +237,6 @@ class SAM(torch.optim.Optimizer):
             param_group.setdefault(name, self.defaults[name])
         self.base_optimizer.add_param_group(param_group)
 
-    def _with_grad(self) -> list[tuple[torch.Tensor, dict]]:
-        """Every parameter that has a gradient, with its group (frozen parameters are skipped)."""
-        return [(p, group) for group in self.param_groups for p in group["params"]
-                if p.grad is not None]
-
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> None:
         """Steps (1)-(2): move the weights to ``w + e(w)``; ``p.grad`` must hold ``g``."""
@@ -275,7 +270,8 @@ class SAM(torch.optim.Optimizer):
             self.zero_grad()
 
     def _groups_with_grad(self) -> list[tuple[dict, Params, Params]]:
-        """``(group, params, grads)`` for each group, its parameters with a gradient only."""
+        """``(group, params, grads)`` for each group: its parameters that have a gradient (frozen
+        ones are skipped); groups without any are left out."""
         groups = []
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
@@ -284,7 +280,8 @@ class SAM(torch.optim.Optimizer):
         return groups
 
     def _g_norm_foreach(self, g: Params) -> float:
-        """``||g||`` on the host (the step's one synchronisation); raises if it is not finite."""
+        """``||g||`` as a float (the host needs it anyway: for the check and the scale of ``e``);
+        raises ``FloatingPointError`` if it is not finite."""
         norm = global_norm_foreach(g).item()
         if not math.isfinite(norm):
             raise FloatingPointError("non-finite gradient at w; the weights were not changed")
@@ -304,26 +301,26 @@ class SAM(torch.optim.Optimizer):
         ``_foreach_add_`` per group.
         """
         g_norm = self._g_norm_foreach(g)
-        groups = {id(group): (group, ps, gs) for group, ps, gs in groups}
-        # T_i g_i (and T_i) for the adaptive groups, then the global norm of T g
-        scaled = {}
-        for key, (group, ps, gs) in groups.items():
+        # per group: (T, T g) where adaptive (ASAM), None where T = 1 (SAM); then ||T g||
+        scaled = []
+        for group, ps, gs in groups:
             if group["adaptive"]:
                 t = torch._foreach_abs(ps)
                 torch._foreach_add_(t, group["eta"])
-                scaled[key] = (t, torch._foreach_mul(t, gs))
-        if scaled:
-            norm = global_norm_foreach(
-                [tg for key, (_, _, gs) in groups.items()
-                 for tg in (scaled[key][1] if key in scaled else gs)]).item()
+                scaled.append((t, torch._foreach_mul(t, gs)))
+            else:
+                scaled.append(None)
+        if any(scaled):
+            norm = global_norm_foreach([v for (_, _, gs), t_tg in zip(groups, scaled)
+                                        for v in (t_tg[1] if t_tg else gs)]).item()
         else:
             norm = g_norm
         # (2) ascend to w + e(w), keeping w
         self._save_w_foreach(params)
-        for key, (group, ps, gs) in groups.items():
+        for (group, ps, gs), t_tg in zip(groups, scaled):
             step = group["rho"] / (norm + self.perturb_eps)
-            if key in scaled:
-                t, tg = scaled[key]
+            if t_tg:
+                t, tg = t_tg
                 torch._foreach_mul_(tg, t)  # T^2 g
                 torch._foreach_add_(ps, tg, alpha=step)
             else:
@@ -352,8 +349,8 @@ class SAM(torch.optim.Optimizer):
         """Steps (3)-(4) for variants that combine ``g`` and ``g_adv`` tensor by tensor.
 
         Restores ``w`` exactly and returns ``(params, g_adv, ||g_adv||)`` for the perturbed
-        tensors. Every one
-        of them must have a finite ``g_adv``; otherwise this raises after ``w`` is restored.
+        tensors. Every one of them must have a finite ``g_adv``; otherwise this raises after ``w``
+        is restored.
         """
         if self._perturbed is None:
             raise RuntimeError("second_step() called without first_step(): "
