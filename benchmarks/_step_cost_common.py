@@ -58,7 +58,9 @@ def time_runners(runners: list[Runner], repeats: int, steps: int, warmup: int,
     them non-finite, stops the benchmark (nothing is timed doing nothing). Floors that take no
     step of their own are exempt.
     """
+    setup = time.perf_counter()
     for run in runners:
+        row_start = time.perf_counter()
         before = run.weights()
         run.step()
         run.sync()
@@ -66,13 +68,14 @@ def time_runners(runners: list[Runner], repeats: int, steps: int, warmup: int,
         run.weights_changed = _changed(before, after)
         finite = all(np.all(np.isfinite(a)) for a in after)
         if run.role in ("ours", "peer") and not (run.weights_changed and finite):
-            raise SystemExit(f"{label} {run.name}: one step "
-                             f"{'left the weights unchanged' if finite else 'gave non-finite weights'}"
-                             "; refusing to time it")
+            what = "left the weights unchanged" if finite else "gave non-finite weights"
+            raise SystemExit(f"{label} {run.name}: one step {what}; refusing to time it")
         for _ in range(warmup - 1):
             run.step()
         run.sync()
-    log(f"{label}: guard and warm-up done, timing {len(runners)} rows x {repeats} repeats")
+        log(f"{label} {run.name}: first step and warm-up {time.perf_counter() - row_start:.1f} s")
+    log(f"{label}: guard and warm-up (compilation included) {time.perf_counter() - setup:.1f} s; "
+        f"timing {len(runners)} rows x {repeats} rounds")
     counts_at_start = {run.name: run.count_passes() for run in runners if run.count_passes}
     for r in range(repeats):
         for i in range(len(runners)):

@@ -3,11 +3,14 @@ optax.contrib.sam, each whole training step one ``jax.jit`` function (see step_c
 
 The floors get the batch twice, as two separate input buffers holding the same values, so that
 XLA cannot merge their two passes into one (the SAM rows' second pass runs at ``w + e``, which
-XLA cannot merge either); every gradient a floor computes is used or returned, so none is
-removed as dead code.
+XLA cannot merge either). Every gradient a floor computes is read, so none is removed as dead
+code: the floor steps with ``g1 + g2`` (the addition fuses into the update), ``floor bSAM`` sums
+both gradients and its noise into one number.
 """
 
 from __future__ import annotations
+
+import os
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +26,8 @@ from sam_edu.jax import adversarial_sam, bsam, gsam, looksam, normalize, sam, ws
 def versions() -> dict:
     return {"jax": jax.__version__, "optax": optax.__version__,
             "jax_device": str(jax.devices()[0]),
-            "xla_flags": __import__("os").environ.get("XLA_FLAGS", "")}
+            "cpus_allowed": (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                             else os.cpu_count())}
 
 
 def init_params(case: str, sizes: dict, rng: np.random.Generator):
@@ -141,8 +145,10 @@ def build(case: str, sizes: dict, hp: dict, peer_foreach: bool, seed: int) -> tu
     def floor_fn(params, s, data):
         g1 = first_grad(params, data)
         g2 = grad_b(params, data)
-        u, s = sgd.update(g2, s, params)
-        return optax.apply_updates(params, u), s, g1
+        # g1 is used, as any SAM step uses it, by one addition that XLA fuses into the update
+        # (returning it instead would allocate a fresh output buffer at every step)
+        u, s = sgd.update(jax.tree.map(jnp.add, g1, g2), s, params)
+        return optax.apply_updates(params, u), s
 
     n_total = info["parameters"]
 
@@ -150,24 +156,37 @@ def build(case: str, sizes: dict, hp: dict, peer_foreach: bool, seed: int) -> tu
         g1 = first_grad(params, data)
         g2 = grad_b(params, data)
         key, sub = jax.random.split(key)
-        return params, key, g1, g2, jax.random.normal(sub, (n_total,))
-
-    def floor_look_fn(params, s, data):
-        count, base_state = s
-        g1 = first_grad(params, data)
-        d = jax.lax.cond(count % k == 0, lambda: grad_b(params, data), lambda: g1)
-        u, base_state = sgd.update(d, base_state, params)
-        return optax.apply_updates(params, u), (count + 1, base_state)
+        noise = jax.random.normal(sub, (n_total,))
+        # everything is read once, into one number: nothing is dead code, nothing is written
+        used = sum(jnp.sum(a) + jnp.sum(b) for a, b in zip(jax.tree.leaves(g1),
+                                                            jax.tree.leaves(g2)))
+        return params, key, used + jnp.sum(noise)
 
     passes_model = case != "tensors"
     two = 2 if passes_model else None
     add("SGD", "base", "optax.sgd(momentum)", base_fn, sgd.init, passes=1 if passes_model else None)
-    add("floor", "floor", "2 passes + optax.sgd step", floor_fn, sgd.init, passes=two)
-    add("floor bSAM", "floor", "2 passes + its noise (jax.random.normal)", floor_bsam_fn,
+    add("floor", "floor", "2 passes + optax.sgd step with g1 + g2", floor_fn, sgd.init, passes=two)
+    add("floor bSAM", "floor", "2 passes + its noise (jax.random.normal), all summed",
+        floor_bsam_fn,
         lambda p: jax.random.key(seed), passes=two, donate=False)
-    add(f"floor LookSAM k={k}", "floor", f"1 pass, a 2nd every {k}th step (lax.cond), 1 step",
-        floor_look_fn, lambda p: (jnp.zeros([], jnp.int32), sgd.init(p)),
-        passes=(1 + 1 / k) if passes_model else None)
+    # LookSAM's floor: the base step, and the floor's two passes on every k-th step, chosen in
+    # Python between two jitted functions (no lax.cond: XLA:CPU compiles convolutions inside a
+    # branch into slow loops, see sam_edu.jax.looksam)
+    look = {"params": jax.tree.map(jnp.array, init), "count": 0}
+    look["opt"] = sgd.init(look["params"])
+    look_fns = (jax.jit(floor_fn, donate_argnums=(0, 1)), jax.jit(base_fn, donate_argnums=(0, 1)))
+
+    def look_step():
+        fn = look_fns[0] if look["count"] % k == 0 else look_fns[1]
+        look["params"], look["opt"], *_ = fn(look["params"], look["opt"], data)
+        look["count"] += 1
+
+    runners.append(Runner(
+        name=f"floor LookSAM k={k}", role="floor",
+        implementation=f"the floor's step every {k}th step, the base step otherwise",
+        step=look_step, weights=lambda: [np.array(a) for a in jax.tree.leaves(look["params"])],
+        sync=lambda: jax.block_until_ready((look["params"], look["opt"])), mode="jit",
+        passes_per_step=(1 + 1 / k) if passes_model else None))
 
     def with_grad_fn(opt, first=True):
         def fn(params, s, data):
@@ -193,7 +212,8 @@ def build(case: str, sizes: dict, hp: dict, peer_foreach: bool, seed: int) -> tu
         ("WSAM", "sam_edu.jax.wsam", wsam(sgd, learning_rate=lr, rho=rho, gamma=hp["wsam_gamma"]),
          True, "floor", None, two),
         ("bSAM", "sam_edu.jax.bsam: update(None, ..., grad_fn)",
-         bsam(hp["bsam_num_data"], learning_rate=hp["bsam_lr"], rho=hp["bsam_rho"], seed=seed), False,
+         bsam(hp["bsam_num_data"], learning_rate=hp["bsam_lr"], rho=hp["bsam_rho"], seed=seed),
+         False,
          "floor bSAM", None, two),
         (f"LookSAM k={k}", "sam_edu.jax.looksam",
          looksam(sgd, rho=rho, k=k, alpha=hp["looksam_alpha"]), True, f"floor LookSAM k={k}",

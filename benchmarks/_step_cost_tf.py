@@ -2,7 +2,8 @@
 whole training step one ``tf.function``, with XLA where it traces (see step_cost.py).
 
 The floors get the batch twice, as two separate inputs holding the same values, so that neither
-grappler nor XLA can merge their two passes; every gradient a floor computes is used or returned.
+grappler nor XLA can merge their two passes. Every gradient a floor computes is read: the floor
+steps with ``g1 + g2``, ``floor bSAM`` sums both gradients and its noise into one number.
 """
 
 from __future__ import annotations
@@ -159,15 +160,15 @@ def build(case: str, sizes: dict, hp: dict, peer_foreach: bool, seed: int) -> tu
 
     def floor(opt, variables, data):
         g1 = first_grad(variables, data)
-        opt.apply_gradients(zip(grad_b(variables, data), variables))
-        return g1
+        g2 = grad_b(variables, data)
+        opt.apply_gradients(zip([a + b for a, b in zip(g1, g2)], variables))
 
     n_total = info["parameters"]
     seeds = keras.random.SeedGenerator(seed)
 
     def floor_bsam(opt, variables, data):
-        return (first_grad(variables, data), grad_b(variables, data),
-                keras.random.normal((n_total,), seed=seeds))
+        used = [tf.reduce_sum(g) for g in first_grad(variables, data) + grad_b(variables, data)]
+        return tf.add_n(used) + tf.reduce_sum(keras.random.normal((n_total,), seed=seeds))
 
     def sam_body(opt, variables, data):
         opt.first_step(first_grad(variables, data), variables)
@@ -186,10 +187,11 @@ def build(case: str, sizes: dict, hp: dict, peer_foreach: bool, seed: int) -> tu
         passes=1 if passes_model else None)
     add("SGD (graph)", "base", "keras.optimizers.SGD(momentum), no XLA", sgd, base, xla=False,
         passes=1 if passes_model else None)
-    add("floor", "floor", "2 passes + SGD step", sgd, floor, passes=two)
-    add("floor (graph)", "floor", "2 passes + SGD step, no XLA", sgd, floor, xla=False,
+    add("floor", "floor", "2 passes + SGD step with g1 + g2", sgd, floor, passes=two)
+    add("floor (graph)", "floor", "2 passes + SGD step with g1 + g2, no XLA", sgd, floor, xla=False,
         passes=two)
-    add("floor bSAM", "floor", "2 passes + its noise (keras.random.normal), no XLA (as bSAM)",
+    add("floor bSAM", "floor",
+        "2 passes + its noise (keras.random.normal), all summed; no XLA (as bSAM)",
         lambda: None, floor_bsam, xla=False, passes=two)
     ours = [
         ("SAM", "sam_edu.tf.SAM", lambda: SAM(sgd(), rho=rho), sam_body, two),
@@ -201,7 +203,8 @@ def build(case: str, sizes: dict, hp: dict, peer_foreach: bool, seed: int) -> tu
         ("WSAM", "sam_edu.tf.WSAM",
          lambda: WSAM(None, sgd(), rho=rho, gamma=hp["wsam_gamma"]), sam_body, two),
         ("bSAM", "sam_edu.tf.BSAM",
-         lambda: BSAM(hp["bsam_num_data"], lr=hp["bsam_lr"], rho=hp["bsam_rho"], seed=seed), bsam_body,
+         lambda: BSAM(hp["bsam_num_data"], lr=hp["bsam_lr"], rho=hp["bsam_rho"], seed=seed),
+         bsam_body,
          two),
         (f"LookSAM k={k}", "sam_edu.tf.LookSAM",
          lambda: LookSAM(sgd(), rho=rho, k=k, alpha=hp["looksam_alpha"]), looksam_body,

@@ -6,6 +6,7 @@ on three cases and writes one JSON file that chapter 11 reads::
     python benchmarks/step_cost.py                          # all frameworks and cases, ~6 min
     python benchmarks/step_cost.py --framework torch --case mlp --repeats 5
     python benchmarks/step_cost.py --tiny --out /tmp/t.json # seconds: the test's setting
+    python benchmarks/step_cost.py --markdown book/results/step_cost_cpu.json  # README table
 
 Cases (the same model in every framework, synthetic data, one fixed batch):
 
@@ -26,7 +27,9 @@ Rows, per framework and case, every one on its own copy of the same initial weig
   ``keras.optimizers.SGD``), one forward/backward pass and one step. Every ratio is to this row;
 * ``floor``: two forward/backward passes and one base step, the least any SAM step can cost;
   ``floor bSAM``: two passes and drawing bSAM's noise (one normal draw of all the weights), no
-  step; JAX also ``floor LookSAM k=5``: one pass, a second one every k-th step, one base step.
+  step; JAX also ``floor LookSAM k=5``: the floor's step every k-th step, the base step
+  otherwise. In JAX and TF, where an unused result is removed as dead code, the floor steps with
+  ``g1 + g2`` and ``floor bSAM`` sums its gradients and noise (see their modules).
   In case ``tensors`` (PyTorch) the floor of SAM-family rows is the base step itself;
 * ours: SAM, ASAM, GSAM, WSAM, bSAM, LookSAM (k=5) from ``sam_edu.torch|jax|tf``; JAX also
   ``SAM (adversarial_sam)``, our drop-in for ``optax.contrib.sam``;
@@ -59,8 +62,10 @@ that the weights changed and stayed finite (an optimizer that changes nothing st
 then warm-up steps; then ``--repeats`` rounds, each timing one block of ``--steps`` steps per row
 in an order rotated from round to round, so that drifts of the machine hit every row alike.
 Blocks and the warm-up hold a multiple of k = 5 steps, so each LookSAM block holds exactly
-steps/5 full SAM steps. One thread per framework by default (torch.set_num_threads, XLA's and
-TensorFlow's intra-op pools): on a two-core machine more threads mostly measure the load.
+steps/5 full SAM steps. One thread per framework by default (``torch.set_num_threads``;
+TensorFlow's intra- and inter-op pools; JAX: the worker process is pinned to ``--threads`` CPUs
+with ``os.sched_setaffinity``, since no XLA flag limits XLA:CPU's threads): on a two-core
+machine more threads mostly measure the load.
 
 Per row: ``ratio_to_base`` = median over rounds of (row's time per step / base's in the same
 round); ``floor_ratio`` likewise for its floor; ``overhead_above_floor`` = median over rounds of
@@ -126,7 +131,7 @@ SIZES = dict(cnn=dict(batch=32, image_size=32, channels=32),
 TINY_SIZES = dict(cnn=dict(batch=2, image_size=8, channels=4),
                   mlp=dict(batch=4, widths=[48, 16, 16, 16, 10]),
                   tensors=dict(tensors=20, width=4))
-DEFAULT_TIMING = dict(repeats=8, steps=5, tensors_steps=20, warmup=5)
+DEFAULT_TIMING = dict(repeats=6, steps=5, tensors_steps=20, warmup=5)
 TINY_TIMING = dict(repeats=2, steps=5, tensors_steps=5, warmup=5)
 
 
@@ -138,7 +143,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=ROOT / "book" / "results" / "step_cost_cpu.json",
                    help="where to write the JSON results")
     p.add_argument("--repeats", type=int, default=None,
-                   help="timed rounds (default 8; --tiny: 2)")
+                   help="timed rounds (default 6; --tiny: 2)")
     p.add_argument("--steps", type=int, default=None,
                    help="steps per timed block, cases cnn and mlp; a multiple of k=5 "
                         "(default 5; --tiny: 5)")
@@ -154,6 +159,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--peer-foreach", action="store_true",
                    help="pytorch_optimizer peers with foreach=True (default: their default, "
                         "foreach=None, which loops per tensor on CPU)")
+    p.add_argument("--markdown", type=Path, metavar="JSON",
+                   help="run nothing: print the README's headline table from a results file")
     p.add_argument("--worker", choices=FRAMEWORKS, help=argparse.SUPPRESS)
     p.add_argument("--part-out", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -191,10 +198,13 @@ def settings(args) -> dict:
 def limit_threads(framework: str, threads: int) -> None:
     """Before the framework is imported: one intra-op pool of ``threads`` threads."""
     if framework == "jax":
-        flags = os.environ.get("XLA_FLAGS", "")
-        if threads == 1:
-            flags += " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
-        os.environ["XLA_FLAGS"] = flags.strip()
+        # XLA:CPU sizes its thread pools by the CPUs this process may run on, and none of its
+        # flags limits them (measured: a jitted matmul took 2 cores with
+        # --xla_cpu_multi_thread_eigen=false); so the process is restricted to `threads` CPUs
+        if hasattr(os, "sched_setaffinity"):
+            cpus = sorted(os.sched_getaffinity(0))
+            if threads < len(cpus):
+                os.sched_setaffinity(0, cpus[:threads])
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
     if framework == "tf":
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -371,8 +381,55 @@ def print_tables(record) -> None:
             print(f"{t['framework']:5s} {t['case']:7s} {t['text']}")
 
 
+HEADLINE = ("floor", "floor bSAM", "SAM", "ASAM", "GSAM", "WSAM", "bSAM", "LookSAM k=5")
+
+
+def markdown(record: dict) -> str:
+    """The README's headline table: ratios to the base step, case mlp (and tensors, PyTorch)."""
+    columns = [("torch", "mlp", "PyTorch MLP"), ("torch", "tensors", "PyTorch 200 tensors"),
+               ("jax", "mlp", "JAX MLP (jit)"), ("tf", "mlp", "TF MLP")]
+    columns = [c for c in columns if _rows(record["runs"], c[0], c[1])]
+    head = ["step time / base step"]
+    for framework, case, title in columns:
+        head.append(f"{title}: sam_edu")
+        if framework == "torch":
+            head.append("pytorch_optimizer")
+        if framework == "jax":
+            head.append("optax.contrib.sam")
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+
+    def cell(row):
+        return "" if row is None else f"{row['ratio_to_base']:.2f}"
+
+    for name in HEADLINE:
+        cells = [name]
+        for framework, case, _ in columns:
+            rows = _rows(record["runs"], framework, case)
+            row = rows.get(name)
+            if name == "floor" and row is None and case == "tensors":
+                row = rows.get("SGD")  # the tensors case's floor is the base step
+            cells.append(cell(row))
+            if framework == "torch":
+                cells.append(cell(rows.get(f"pytorch_optimizer {name}")))
+            if framework == "jax":
+                cells.append(cell(rows.get("optax.contrib.sam") if name == "SAM" else None))
+        lines.append("| " + " | ".join(cells) + " |")
+    passed = sum(t["passed"] for t in record["targets"])
+    m, v = record["machine"], record["versions"]
+    lines.append("")
+    lines.append(f"{m['cpu_model']}, {m['cpu_cores']} cores, {m['threads']} thread per framework; "
+                 f"torch {v['torch']}, pytorch_optimizer {v['pytorch_optimizer']}, jax "
+                 f"{v['jax']}, optax {v['optax']}, tensorflow {v['tensorflow']}; "
+                 f"{record['date'][:10]}. Targets of issue 8 met: {passed} of "
+                 f"{len(record['targets'])}.")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> dict | None:
     args = parse_args(argv)
+    if args.markdown:
+        print(markdown(json.loads(args.markdown.read_text())))
+        return None
     if args.worker:
         worker(args)
         return None

@@ -178,3 +178,14 @@ def test_step_cost_rejects_settings_that_break_the_comparison(bad, tmp_path):
     done = _step_cost(*bad, "--out", str(tmp_path / "x.json"))
     assert done.returncode == 2 and bad[0] in done.stderr
     assert not (tmp_path / "x.json").exists()
+
+
+def test_step_cost_markdown_prints_the_headline_table(step_cost_record, tmp_path):
+    framework, record = step_cost_record
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(record))
+    done = _step_cost("--markdown", str(path))
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("| step time / base step |") and "Targets of issue 8" in lines[-1]
+    assert any(line.startswith("| SAM |") for line in lines)
