@@ -74,7 +74,7 @@ def build(case: str, sizes: dict, hp: dict, peer_foreach: bool, seed: int) -> tu
         def grad_a(variables, data):  # gradient of 0.5 ||w - t||^2
             return [v - t for v, t in zip(variables, data[1])]
 
-        def grad_b(variables, data):
+        def grad_b(variables, data, after=None):
             return [v - t for v, t in zip(variables, data[2])]
         info = dict(parameters=sum(w.size for w in init), tensors=len(init),
                     tensor_shapes=sorted({str(list(s)) for s in shapes}), input_shape=None)
@@ -108,8 +108,13 @@ def build(case: str, sizes: dict, hp: dict, peer_foreach: bool, seed: int) -> tu
 
         grad_a = first_grad
 
-        def grad_b(variables, data):
-            return _grad(variables, data[2], data[3])
+        def grad_b(variables, data, after=None):
+            """Pass 2 of a floor, on the second copy of the batch, after pass 1 (``0 *`` the
+            sum of the first layer's bias gradient is added to it), as in the JAX worker."""
+            x2 = data[2]
+            if after is not None:
+                x2 = x2 + 0.0 * tf.reduce_sum(after[1])
+            return _grad(variables, x2, data[3])
         info = dict(parameters=int(sum(w.size for w in init)), tensors=len(init),
                     input_shape=list(x.shape))
 
@@ -160,14 +165,15 @@ def build(case: str, sizes: dict, hp: dict, peer_foreach: bool, seed: int) -> tu
 
     def floor(opt, variables, data):
         g1 = first_grad(variables, data)
-        g2 = grad_b(variables, data)
+        g2 = grad_b(variables, data, after=g1)
         opt.apply_gradients(zip([a + b for a, b in zip(g1, g2)], variables))
 
     n_total = info["parameters"]
     seeds = keras.random.SeedGenerator(seed)
 
     def floor_bsam(opt, variables, data):
-        used = [tf.reduce_sum(g) for g in first_grad(variables, data) + grad_b(variables, data)]
+        g1 = first_grad(variables, data)
+        used = [tf.reduce_sum(g) for g in g1 + grad_b(variables, data, after=g1)]
         return tf.add_n(used) + tf.reduce_sum(keras.random.normal((n_total,), seed=seeds))
 
     def sam_body(opt, variables, data):
