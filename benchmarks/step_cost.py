@@ -409,8 +409,8 @@ def markdown(record: dict) -> str:
         for framework, case, _ in columns:
             rows = _rows(record["runs"], framework, case)
             row = rows.get(name)
-            if name == "floor" and row is None and case == "tensors":
-                row = rows.get("SGD")  # the tensors case's floor is the base step
+            if name == "floor":  # the floor SAM is measured against (TF: in SAM's mode)
+                row = rows.get(rows["SAM"]["floor"])
             cells.append(cell(row))
             if framework == "torch":
                 cells.append(cell(rows.get(f"pytorch_optimizer {name}")))
