@@ -42,7 +42,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from sam_edu.torch.sam import SAM, Buffers, choose_foreach, global_norm
+from sam_edu.torch.sam import SAM, choose_foreach, global_norm
 
 Params = list[torch.Tensor]
 
@@ -118,7 +118,6 @@ class GSAM(SAM):
         self.steps_taken = 0
         # g, saved in (1) for (5). Not in self.state, for the reason SAM keeps w out of it.
         self._g: Params | None = None
-        self._g_buffers = Buffers()  # the fast path's copy of g, reused from step to step
 
     def _scheduled_rho(self, step: int) -> float:
         """``max(rho(step), 0)``: a warm-up can make the LR-proportional ``rho_t`` negative."""

@@ -44,7 +44,7 @@ from collections.abc import Callable
 
 import torch
 
-from sam_edu.torch.sam import SAM, Buffers, choose_foreach, global_norm, global_norm_foreach
+from sam_edu.torch.sam import SAM, choose_foreach, global_norm, global_norm_foreach
 
 Params = list[torch.Tensor]
 
@@ -114,7 +114,6 @@ class LookSAM(SAM):
         self.steps_taken = 0
         # g, saved in (1) of a SAM step for g_v. Not in self.state, for the reason SAM keeps w out.
         self._g: Params | None = None
-        self._g_buffers = Buffers()  # the fast path's copy of g, reused from step to step
 
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> bool:
@@ -128,12 +127,7 @@ class LookSAM(SAM):
         if is_sam_step(self.steps_taken, self.k):
             # (1)-(2) exactly SAM's, keeping g for g_v
             super().first_step()
-            g = [p.grad for p in self._perturbed]
-            if self.foreach_used:
-                self._g = self._g_buffers.like(self._perturbed)
-                torch._foreach_copy_(self._g, g)
-            else:
-                self._g = [g_p.clone() for g_p in g]
+            self._g = self._keep_g()
             if zero_grad:
                 self.zero_grad()
             return True

@@ -221,6 +221,7 @@ class SAM(torch.optim.Optimizer):
         self._perturbed: Params | None = None
         self._saved_w: Params | None = None
         self._w_buffers = Buffers()  # the fast path's saved w, reused from step to step
+        self._g_buffers = Buffers()  # the fast path's copy of g, for the variants that keep it
 
     def add_param_group(self, param_group: dict) -> None:
         """Add a group to both optimizers (one shared list): SAM's settings, then the base's.
@@ -268,6 +269,16 @@ class SAM(torch.optim.Optimizer):
         self._perturbed = params
         if zero_grad:
             self.zero_grad()
+
+    def _keep_g(self) -> Params:
+        """A copy of ``g`` for the perturbed tensors, taken after (2) by the variants whose (5)
+        needs it (WSAM, LookSAM); the fast path copies into buffers reused from step to step."""
+        g = [p.grad for p in self._perturbed]
+        if not self.foreach_used:
+            return [g_p.clone() for g_p in g]
+        kept = self._g_buffers.like(self._perturbed)
+        torch._foreach_copy_(kept, g)
+        return kept
 
     def _groups_with_grad(self) -> list[tuple[dict, Params, Params]]:
         """``(group, params, grads)`` for each group: its parameters that have a gradient (frozen

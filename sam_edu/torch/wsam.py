@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import torch
 
-from sam_edu.torch.sam import SAM, Buffers, global_norm
+from sam_edu.torch.sam import SAM, global_norm
 
 Params = list[torch.Tensor]
 
@@ -99,18 +99,12 @@ class WSAM(SAM):
         self.max_norm = max_norm
         # g, saved in (1) for (5). Not in self.state, for the reason SAM keeps w out of it.
         self._g: Params | None = None
-        self._g_buffers = Buffers()  # the fast path's copy of g, reused from step to step
 
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> None:
         """Steps (1)-(2), exactly SAM's: move the weights to ``w + e(w)``, keeping ``g``."""
         super().first_step()
-        g = [p.grad for p in self._perturbed]
-        if self.foreach_used:
-            self._g = self._g_buffers.like(self._perturbed)
-            torch._foreach_copy_(self._g, g)
-        else:
-            self._g = [g_p.clone() for g_p in g]
+        self._g = self._keep_g()
         if zero_grad:
             self.zero_grad()
 
