@@ -9,10 +9,12 @@ JSON file (medians of paired per-repeat ratios to the base step).
 
 from __future__ import annotations
 
+import platform
 import statistics
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -39,6 +41,30 @@ class Runner:
     times: list = field(default_factory=list)
     weights_changed: bool | None = None
     passes_measured: float | None = None
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def tensor_shapes(sizes: dict) -> list[tuple[int, ...]]:
+    """Case ``tensors``: ``sizes["tensors"]`` tensors, alternately (width, width) and (width,)."""
+    width = sizes["width"]
+    return [(width, width) if i % 2 == 0 else (width,) for i in range(sizes["tensors"])]
+
+
+def tensor_arrays(sizes: dict, rng: np.random.Generator) -> tuple[list, list, list]:
+    """Case ``tensors`` in float32: the initial weights, the preset gradient at ``w`` and the
+    quadratic loss's target, drawn from ``rng`` in that order."""
+    shapes = tensor_shapes(sizes)
+    return tuple([rng.standard_normal(s).astype(np.float32) for s in shapes] for _ in range(3))
 
 
 def log(*args) -> None:

@@ -18,7 +18,7 @@ import numpy as np
 import optax
 import optax.contrib
 
-from _step_cost_common import Runner
+from _step_cost_common import Runner, tensor_arrays
 
 from sam_edu.jax import adversarial_sam, bsam, gsam, looksam, normalize, sam, wsam
 
@@ -73,11 +73,7 @@ def build(case: str, sizes: dict, hp: dict, peer_foreach: bool, seed: int) -> tu
     rng = np.random.default_rng(seed)
     lr, momentum, rho, k = hp["lr"], hp["momentum"], hp["rho"], hp["looksam_k"]
     if case == "tensors":
-        shapes = [(sizes["width"], sizes["width"]) if i % 2 == 0 else (sizes["width"],)
-                  for i in range(sizes["tensors"])]
-        init = [rng.standard_normal(s).astype(np.float32) for s in shapes]
-        g_np = [rng.standard_normal(s).astype(np.float32) for s in shapes]
-        t_np = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+        init, g_np, t_np = tensor_arrays(sizes, rng)
         # the data: the preset gradient at w and the quadratic loss's target, twice
         data = (jax.tree.map(jnp.asarray, g_np), jax.tree.map(jnp.asarray, t_np),
                 jax.tree.map(jnp.array, t_np))
@@ -94,7 +90,7 @@ def build(case: str, sizes: dict, hp: dict, peer_foreach: bool, seed: int) -> tu
         def grad_b(params, data, after=None):
             return grad_at(params, None, data[2])
         info = dict(parameters=sum(w.size for w in init), tensors=len(init),
-                    tensor_shapes=sorted({str(list(s)) for s in shapes}), input_shape=None)
+                    tensor_shapes=sorted({str(list(a.shape)) for a in init}), input_shape=None)
     else:
         init, strides = init_params(case, sizes, rng)
         loss = make_loss(case, strides)

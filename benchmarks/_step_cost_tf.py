@@ -16,7 +16,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from _step_cost_common import Runner, log  # noqa: E402
+from _step_cost_common import Runner, log, tensor_arrays  # noqa: E402
 
 from sam_edu.tf import BSAM, GSAM, SAM, WSAM, LookSAM  # noqa: E402
 
@@ -57,11 +57,7 @@ def build(case: str, sizes: dict, hp: dict, peer_foreach: bool, seed: int) -> tu
     lr, momentum, rho, k = hp["lr"], hp["momentum"], hp["rho"], hp["looksam_k"]
     loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     if case == "tensors":
-        shapes = [(sizes["width"], sizes["width"]) if i % 2 == 0 else (sizes["width"],)
-                  for i in range(sizes["tensors"])]
-        init = [rng.standard_normal(s).astype(np.float32) for s in shapes]
-        g_np = [rng.standard_normal(s).astype(np.float32) for s in shapes]
-        t_np = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+        init, g_np, t_np = tensor_arrays(sizes, rng)
         data = ([tf.constant(g) for g in g_np], [tf.constant(t) for t in t_np],
                 [tf.constant(t.copy()) for t in t_np])
 
@@ -77,7 +73,7 @@ def build(case: str, sizes: dict, hp: dict, peer_foreach: bool, seed: int) -> tu
         def grad_b(variables, data, after=None):
             return [v - t for v, t in zip(variables, data[2])]
         info = dict(parameters=sum(w.size for w in init), tensors=len(init),
-                    tensor_shapes=sorted({str(list(s)) for s in shapes}), input_shape=None)
+                    tensor_shapes=sorted({str(list(a.shape)) for a in init}), input_shape=None)
     else:
         template = make_model(case, sizes)
         init = [w.copy() for w in template.get_weights()]

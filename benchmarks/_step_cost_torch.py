@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from _step_cost_common import Runner
+from _step_cost_common import Runner, tensor_shapes
 
 import pytorch_optimizer as po
 from pytorch_optimizer.lr_scheduler.proportion import ProportionScheduler
@@ -187,9 +187,7 @@ def _build_tensors(sizes, hp, base_kwargs, peer_kwargs, bsam_kwargs, seed):
     """Case (c): optimizer only. Gradients are set once; a step is ``first_step()`` +
     ``second_step()`` (bSAM: ``noisy_step()`` first) against ``SGD.step()``."""
     generator = torch.Generator().manual_seed(seed)
-    shapes = []
-    for i in range(sizes["tensors"]):
-        shapes.append((sizes["width"], sizes["width"]) if i % 2 == 0 else (sizes["width"],))
+    shapes = tensor_shapes(sizes)
     init = [torch.randn(s, generator=generator) for s in shapes]
     grads = [torch.randn(s, generator=generator) for s in shapes]
     rho, k, la = hp["rho"], hp["looksam_k"], hp["looksam_alpha"]

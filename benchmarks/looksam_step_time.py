@@ -39,6 +39,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _step_cost_common import cpu_model
 from torch import nn
 
 from sam_edu.torch import SAM, LookSAM
@@ -85,17 +86,6 @@ def make_model(channels: int) -> nn.Module:
         nn.Conv2d(2 * c, 4 * c, 3, stride=2, padding=1), nn.ReLU(),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4 * c, 10),
     )
-
-
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (Linux), else what ``platform`` knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def hardware(device: torch.device) -> dict:

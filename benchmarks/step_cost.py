@@ -118,6 +118,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _step_cost_common import cpu_model
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 FRAMEWORKS = ("torch", "jax", "tf")
@@ -247,16 +249,6 @@ def worker(args) -> None:
 
 # --------------------------------------------------------------------------------------------
 # driver
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def machine(args) -> dict:
