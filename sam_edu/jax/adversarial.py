@@ -52,7 +52,6 @@ at all: the outer optimizer alone.
 from __future__ import annotations
 
 import numbers
-from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax

@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from sam_edu.jax.sam import Params, _check_non_negative, ascend, global_norm
+from sam_edu.jax.sam import Params, _check_non_negative, ascend, global_norm, skip_unless_finite
 
 
 def posterior_sample(params: Params, precision: Params, noise: Params, num_data: int) -> Params:
@@ -242,13 +242,10 @@ def bsam(
         g_adv = grad_fn(perturbed)
         finite = finite & jnp.isfinite(global_norm(g_adv))
         # (4) restore w: JAX is functional, so ``params`` was never changed
-        # (5) bSAM's own step; a non-finite g or g_adv skips it instead (``lax.cond`` selects a
-        #     branch, so no NaN can leak through arithmetic)
-        updates, m, s = jax.lax.cond(
-            finite,
-            lambda: step(g, g_adv, state, params),
-            lambda: (jax.tree.map(jnp.zeros_like, params), state.momentum, s),
-        )
+        # (5) bSAM's own step; a non-finite g or g_adv skips it instead (selected leaf by leaf,
+        #     so no NaN can leak through arithmetic)
+        updates, m, s_new = step(g, g_adv, state, params)
+        updates, (m, s) = skip_unless_finite(finite, updates, (m, s_new), (state.momentum, s))
         return updates, BSAMState(
             count=jnp.where(finite, optax.safe_increment(state.count), state.count),
             key=key,

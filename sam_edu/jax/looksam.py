@@ -43,7 +43,17 @@ import numpy as np
 import optax
 from jax import lax
 
-from sam_edu.jax.sam import Flags, Params, _check_non_negative, ascend, global_norm, perturbation
+from sam_edu.jax.sam import (
+    Flags,
+    Params,
+    _check_non_negative,
+    ascend,
+    global_norm,
+    keep_finite,
+    perturbation,
+    perturbation_norm,
+    skip_unless_finite,
+)
 
 
 def is_sam_step(t: int | jax.Array, k: int) -> bool | jax.Array:
@@ -54,12 +64,13 @@ def is_sam_step(t: int | jax.Array, k: int) -> bool | jax.Array:
 def orthogonal_component(g_adv: Params, grads: Params, perturb_eps: float = 1e-12) -> Params:
     """``g_v = g_adv - (g_adv . g_hat) g_hat`` with ``g_hat = g / (||g|| + eps)``.
 
-    The dot product runs over all leaves together.
+    The dot product runs over all leaves together. Computed as ``g_v = g_adv - c g`` with the
+    number ``c = (g_adv . g) / (||g|| + eps)^2``, so that no ``g_hat`` is written out to memory.
     """
     norm = global_norm(grads) + perturb_eps
-    unit = jax.tree.map(lambda g: g / norm, grads)
-    along = sum(jax.tree.leaves(jax.tree.map(lambda a, u: jnp.sum(a * u), g_adv, unit)))
-    return jax.tree.map(lambda a, u: a - along * u, g_adv, unit)
+    along = sum(jnp.sum(a * g) for a, g in zip(jax.tree.leaves(g_adv), jax.tree.leaves(grads)))
+    c = along / norm / norm
+    return jax.tree.map(lambda a, g: a - c * g, g_adv, grads)
 
 
 def looksam_direction(grads: Params, g_v: Params, alpha: float = 0.7,
@@ -218,11 +229,14 @@ def looksam(
                              "starts from")
         # (1) gradient at the centre: the caller computed it on this batch
         g = grads
-        finite = jnp.isfinite(global_norm(g))
+        # the norm that scales a SAM step's e also tells whether g is finite
+        norm = perturbation_norm(g, params, adaptive)
+        finite = jnp.isfinite(norm)
 
         def sam_step():
             # (2) ascend to w + e(w) (SAM, or ASAM with eta = 0)
-            perturbed = ascend(params, perturbation(g, params, rho, adaptive, 0.0, perturb_eps))
+            perturbed = ascend(params,
+                               perturbation(g, params, rho, adaptive, 0.0, perturb_eps, norm))
             # (3) gradient at the perturbed point, same batch; on a CPU with its convolutions
             #     in the layout of XLA's fast kernels, which a cond branch does not get by itself
             g_adv = lax.platform_dependent(perturbed, cpu=canonical_convolutions(grad_fn),
@@ -241,15 +255,12 @@ def looksam(
         d, g_v, finite_adv = jax.lax.cond(is_sam_step(state.count, k), sam_step, cheap_step)
         finite = finite & finite_adv
         # (5) base step at w with d; a non-finite g or g_adv skips the step instead
-        updates, base_state = jax.lax.cond(
-            finite,
-            lambda: base.update(d, state.base_state, params, **extra_args),
-            lambda: (jax.tree.map(jnp.zeros_like, d), state.base_state),
-        )
+        updates, base_state = base.update(d, state.base_state, params, **extra_args)
+        updates, base_state = skip_unless_finite(finite, updates, base_state, state.base_state)
         return updates, LookSAMState(
             base_state=base_state,
             count=jnp.where(finite, optax.safe_increment(state.count), state.count),
-            g_v=jax.tree.map(lambda new, old: jnp.where(finite, new, old), g_v, state.g_v),
+            g_v=keep_finite(finite, g_v, state.g_v),
             notfinite_count=jnp.where(finite, state.notfinite_count, state.notfinite_count + 1),
         )
 

@@ -51,6 +51,8 @@ from sam_edu.jax.sam import (
     ascend,
     global_norm,
     perturbation,
+    perturbation_norm,
+    skip_unless_finite,
 )
 
 
@@ -174,9 +176,11 @@ def wsam(
                              "starts from")
         # (1) gradient at the centre: the caller computed it on this batch
         g = grads
-        finite = jnp.isfinite(global_norm(g))
-        # (2) ascend to w + e(w) (SAM, or ASAM with eta = 0)
-        perturbed = ascend(params, perturbation(g, params, rho, adaptive, 0.0, perturb_eps))
+        # (2) ascend to w + e(w) (SAM, or ASAM with eta = 0); the norm that scales e also tells
+        #     whether g is finite
+        norm = perturbation_norm(g, params, adaptive)
+        finite = jnp.isfinite(norm)
+        perturbed = ascend(params, perturbation(g, params, rho, adaptive, 0.0, perturb_eps, norm))
         # (3) gradient at the perturbed point, same batch; checked before it is clipped
         g_adv = grad_fn(perturbed)
         finite = finite & jnp.isfinite(global_norm(g_adv))
@@ -184,11 +188,8 @@ def wsam(
             g_adv = clip_by_global_norm(g_adv, max_norm)
         # (4) restore w: JAX is functional, so ``params`` was never changed
         # (5) base step at w, coupled or decoupled; a non-finite g or g_adv skips the step
-        updates, base_state = jax.lax.cond(
-            finite,
-            lambda: step(g, g_adv, state, params, extra_args),
-            lambda: (jax.tree.map(jnp.zeros_like, g_adv), state.base_state),
-        )
+        updates, base_state = step(g, g_adv, state, params, extra_args)
+        updates, base_state = skip_unless_finite(finite, updates, base_state, state.base_state)
         return updates, WSAMState(
             base_state=base_state,
             count=jnp.where(finite, optax.safe_increment(state.count), state.count),
