@@ -11,7 +11,14 @@ import jax.numpy as jnp  # noqa: E402
 
 import parity  # noqa: E402
 from sam_edu import reference as ref  # noqa: E402
-from sam_edu.jax import SAMState, perturbation, sam  # noqa: E402
+from sam_edu.jax import (  # noqa: E402
+    SAMState,
+    keep_finite,
+    perturbation,
+    perturbation_norm,
+    sam,
+    skip_unless_finite,
+)
 
 
 def mlp_loss(params, x, y):
@@ -192,13 +199,17 @@ def _poison(tree, value):
     return [v.at[0].set(value) if i == 1 else v for i, v in enumerate(tree)]
 
 
+@pytest.mark.parametrize("sam_kwargs", [dict(rho=0.05), dict(rho=0.5, adaptive=True)],
+                         ids=["sam", "asam"])
 @pytest.mark.parametrize("value", [np.nan, np.inf], ids=["nan", "inf"])
 @pytest.mark.parametrize("where", ["centre", "perturbed"])
-def test_non_finite_gradient_skips_the_step(where, value):
+def test_non_finite_gradient_skips_the_step(where, value, sam_kwargs):
+    """The check of ``g`` goes through ``||T g||`` (ASAM's norm too), that of ``g_adv`` through
+    ``||g_adv||``; a skipped step selects the old state leaf by leaf (``jnp.where``)."""
     params = as_jax(parity.init_params(), "float64")
     x, y = (jnp.asarray(v) for v in parity.batches()[1])
     grad_fn = jax.grad(lambda p: mlp_loss(p, x, y))
-    opt = sam(optax.sgd(0.1, momentum=0.9), 0.05)
+    opt = sam(optax.sgd(0.1, momentum=0.9), **sam_kwargs)
 
     def step(params, state, bad):
         g, g_fn = grad_fn(params), grad_fn
@@ -229,6 +240,31 @@ def test_non_finite_gradient_skips_the_step(where, value):
     after, final, _ = step(new_params, new_state, None)
     assert int(final.notfinite_count) == 1
     assert not np.allclose(after[0], new_params[0])
+
+
+@pytest.mark.parametrize("adaptive", [False, True, FLAGS], ids=["sam", "asam", "masked"])
+def test_perturbation_with_a_precomputed_norm_is_the_same(adaptive):
+    """``sam`` computes ``||T g||`` once, for its check and for ``e``: the same ``e``."""
+    params, g, _ = _problem()
+    norm = perturbation_norm(g, params, adaptive, 0.01)
+    t_g = [np.asarray(v) * (np.abs(np.asarray(w)) + 0.01 if a else 1.0)
+           for v, w, a in zip(g, params, FLAGS if adaptive is FLAGS else [adaptive] * 4)]
+    np.testing.assert_allclose(norm, np.sqrt(sum(np.sum(v * v) for v in t_g)), rtol=1e-12)
+    for a, b in zip(perturbation(g, params, 0.5, adaptive, 0.01, norm=norm),
+                    perturbation(g, params, 0.5, adaptive, 0.01)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_keep_finite_selects_without_leaking_nan():
+    """``skip_unless_finite``: zero updates and the old state when not finite, no NaN leaks."""
+    new = [jnp.array([np.nan, 1.0]), jnp.array([np.inf])]
+    old = [jnp.array([2.0, 3.0]), jnp.array([4.0])]
+    updates, state = skip_unless_finite(jnp.asarray(False), new, new, old)
+    assert all(np.all(np.asarray(u) == 0) for u in updates)
+    for a, b in zip(state, old):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(keep_finite(jnp.asarray(True), new, old), new):
+        np.testing.assert_array_equal(a, b)
 
 
 def _perturbation_as_update(params):
