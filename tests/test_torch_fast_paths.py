@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from sam_edu.torch import BSAM, GSAM, SAM, WSAM, LookSAM
+from sam_edu.torch.sam import SMALL
 
 STEPS = 4
 
@@ -150,3 +151,119 @@ def test_saved_copies_are_reused_between_steps():
     optimizer.first_step()
     optimizer.second_step()
     assert all(a is b for a, b in zip(optimizer._w_buffers.tensors, buffers))
+
+
+# Swapping: the fast path keeps w by pointing the parameters at buffers holding w + e during
+# pass (3), when the tensors are large enough (more than SMALL elements on average).
+BIG = [(128, 96), (96,), (96, 64), (64,)]  # 4,648 elements per tensor on average
+
+
+def run_big(make_optimizer, swap):
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s, dtype=torch.float64) / 10) for s in BIG]
+    optimizer = make_optimizer([{"params": params[:2]}, {"params": params[2:], "lr": 0.05}], True)
+    optimizer.swap = swap
+    x = torch.randn(8, 128, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+
+    def closure():
+        optimizer.zero_grad()
+        w1, b1, w2, b2 = params
+        loss = (torch.tanh(x @ w1 + b1) @ w2 + b2).pow(2).mean()
+        loss.backward()
+        return loss
+
+    for _ in range(STEPS):
+        optimizer.step(closure)
+    return params, optimizer
+
+
+@pytest.mark.parametrize("name", sorted(set(CASES) - {"bsam"}))
+def test_swap_gives_the_numbers_of_the_copy(name):
+    """Bit for bit: the same additions, written into a buffer instead of in place."""
+    copy_params, copy = run_big(CASES[name], False)
+    swap_params, swap = run_big(CASES[name], None)
+    assert copy.swap_used is False
+    assert swap.swap_used is True  # the last step is a SAM step for LookSAM too (t = 3, k = 3)
+    for a, b in zip(copy_params, swap_params):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("make", [CASES["sam"], CASES["asam"], CASES["gsam"],
+                                  CASES["wsam_decoupled"], CASES["looksam_k1"]])
+def test_swap_points_the_parameters_away_only_between_first_and_second_step(make):
+    params, optimizer = run_big(make, None)
+    pointers = [p.data_ptr() for p in params]
+    before = [p.detach().clone() for p in params]
+    for p in params:
+        p.grad = torch.ones_like(p)
+    optimizer.first_step()
+    assert optimizer.swap_used
+    assert all(p.data_ptr() != q for p, q in zip(params, pointers))
+    assert not any(torch.equal(p.detach(), w) for p, w in zip(params, before))
+    # w itself was never written: it is where it was
+    for w_kept, w in zip(optimizer._saved_w, before):
+        assert torch.equal(w_kept, w)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    optimizer.second_step()
+    assert [p.data_ptr() for p in params] == pointers
+
+
+@pytest.mark.parametrize("where", ["w", "w + e"])
+def test_swap_non_finite_gradient_raises_and_restores_w(where):
+    params, optimizer = run_big(CASES["sam"], True)
+    pointers = [p.data_ptr() for p in params]
+    before = [p.detach().clone() for p in params]
+    for p in params:
+        p.grad = torch.ones_like(p)
+    if where == "w":
+        params[1].grad[0] = float("nan")
+        with pytest.raises(FloatingPointError, match="non-finite gradient at w;"):
+            optimizer.first_step()
+    else:
+        optimizer.first_step()
+        for p in params:
+            p.grad = torch.ones_like(p)
+        params[1].grad[0] = float("inf")
+        with pytest.raises(FloatingPointError, match="w was restored"):
+            optimizer.second_step()
+    assert [p.data_ptr() for p in params] == pointers
+    for p, w in zip(params, before):
+        assert torch.equal(p.detach(), w)
+
+
+def _view_param(n):
+    p = torch.nn.Parameter(torch.randn(n))
+    p.data = torch.zeros(2 * n)[:n]  # a view into a larger storage, as FSDP's parameters are
+    return p
+
+
+def _shared_param(n):
+    return torch.nn.Parameter(torch.randn(n).share_memory_())
+
+
+@pytest.mark.parametrize("make, expected", [
+    (lambda: torch.nn.Parameter(torch.randn(SMALL + 1)), True),
+    (lambda: torch.nn.Parameter(torch.randn(SMALL)), False),  # small: copying costs less
+    (lambda: _view_param(SMALL + 1), False),
+    (lambda: _shared_param(SMALL + 1), False),
+], ids=["large", "small", "view", "shared"])
+def test_swap_is_chosen_only_where_it_is_safe_and_cheaper(make, expected):
+    p = make()
+    optimizer = SAM([p], torch.optim.SGD, lr=0.1)
+    p.grad = torch.ones_like(p)
+    optimizer.first_step()
+    optimizer.second_step()
+    assert optimizer.swap_used is expected
+    if not expected:
+        optimizer = SAM([p], torch.optim.SGD, lr=0.1, swap=True)
+        with pytest.raises(ValueError, match="swap=True"):
+            optimizer.first_step()
+
+
+def test_swap_arguments_are_checked():
+    p = torch.nn.Parameter(torch.randn(3))
+    with pytest.raises(ValueError, match="swap must be None, True or False"):
+        SAM([p], torch.optim.SGD, lr=0.1, swap="yes")
+    with pytest.raises(ValueError, match="swap=True needs the fast path"):
+        SAM([p], torch.optim.SGD, lr=0.1, swap=True, foreach=False)

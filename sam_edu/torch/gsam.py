@@ -143,8 +143,9 @@ class GSAM(SAM):
             for group in self.param_groups:
                 group["rho"] = rho_t
         if self.foreach_used:
-            self._ascend_foreach(groups, params, g)
+            self._ascend_foreach(groups, params, g, take_g=zero_grad)
         else:
+            self.swap_used = False
             group_of = [group for group, ps, _ in groups for _ in ps]  # each tensor's group
             e = gsam_perturbation(g, params,
                                   rho=[group["rho"] for group in group_of],
@@ -160,21 +161,21 @@ class GSAM(SAM):
             self.zero_grad()
 
     def _ascend_foreach(self, groups: list[tuple[dict, Params, Params]], params: Params,
-                        g: Params) -> None:
+                        g: Params, take_g: bool = False) -> None:
         """Steps (1)-(2) on the fast path: ``gsam_perturbation()``, one kernel per group.
 
         ``w += (rho / (||g|| + eps)) g``, or ``w += (rho / (||g|| + eps)) |w| g`` (adaptive).
+        ``take_g``: the gradients are zeroed next, so ``g`` is taken rather than copied.
         """
         g_norm = self._g_norm_foreach(g)  # raises if g is not finite
-        self._save_w_foreach(params)
-        self._g = self._g_buffers.like(params)
-        torch._foreach_copy_(self._g, g)
+        moves = []
         for group, ps, gs in groups:
             step = group["rho"] / (g_norm + self.perturb_eps)
-            if group["adaptive"]:
-                torch._foreach_addcmul_(ps, torch._foreach_abs(ps), gs, value=step)
-            else:
-                torch._foreach_add_(ps, gs, alpha=step)
+            moves.append((ps, torch._foreach_mul(torch._foreach_abs(ps), gs)
+                          if group["adaptive"] else gs, step))
+        self._move_foreach(params, moves)
+        self._perturbed = params
+        self._g = self._keep_g(take=take_g)
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> None:

@@ -127,7 +127,7 @@ class LookSAM(SAM):
         if is_sam_step(self.steps_taken, self.k):
             # (1)-(2) exactly SAM's, keeping g for g_v
             super().first_step()
-            self._g = self._keep_g()
+            self._g = self._keep_g(take=zero_grad)
             if zero_grad:
                 self.zero_grad()
             return True
@@ -139,6 +139,7 @@ class LookSAM(SAM):
         # (1) gradient at the centre: the caller's backward pass at w left g in p.grad
         g = [p.grad for p in params]
         self.foreach_used = choose_foreach(self.foreach, params, g)
+        self.swap_used = False  # a cheap step does not move the weights
         if self.foreach_used:
             self._cheap_direction_foreach(params, g)
         else:

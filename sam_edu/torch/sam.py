@@ -104,10 +104,10 @@ def foreach_possible(params: Params, grads: Params) -> bool:
             and not any(g.is_sparse for g in grads))
 
 
-def check_foreach(foreach: bool | None) -> None:
-    """``foreach`` is ``None`` (choose), ``True`` or ``False``."""
+def check_foreach(foreach: bool | None, name: str = "foreach") -> None:
+    """``foreach`` (or ``swap``) is ``None`` (choose), ``True`` or ``False``."""
     if not (foreach is None or isinstance(foreach, bool)):
-        raise ValueError(f"foreach must be None, True or False, got {foreach!r}")
+        raise ValueError(f"{name} must be None, True or False, got {foreach!r}")
 
 
 def choose_foreach(foreach: bool | None, params: Params, grads: Params) -> bool:
@@ -118,6 +118,40 @@ def choose_foreach(foreach: bool | None, params: Params, grads: Params) -> bool:
     if foreach and not possible:
         raise ValueError("foreach=True needs all parameters and gradients of a step dense, on "
                          "one device and of one floating-point dtype; use foreach=None or False")
+    return possible
+
+
+def swap_possible(params: Params) -> bool:
+    """Whether the fast path may point the parameters at other memory during pass (3).
+
+    Only plain dense tensors that own their memory (each the whole of its storage, so not a
+    view into a larger one such as FSDP's flattened parameters; no tensor subclasses; on the
+    CPU, none shared between processes), large enough
+    on average (more than ``SMALL`` elements) that moving a pointer costs less than copying the
+    tensor, and no CUDA graph being captured (a captured graph keeps the old pointers).
+    """
+    def owns_memory(p: torch.Tensor) -> bool:
+        w = p.data
+        return (type(w) is torch.Tensor and w.layout is torch.strided
+                and w.storage_offset() == 0
+                and w.untyped_storage().nbytes() == w.numel() * w.element_size()
+                and not (w.device.type == "cpu" and w.is_shared()))
+
+    capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    return (not capturing and sum(map(torch.Tensor.numel, params)) > SMALL * len(params)
+            and all(map(owns_memory, params)))
+
+
+def choose_swap(swap: bool | None, params: Params) -> bool:
+    """Resolve the ``swap`` argument for one step's parameters (on the fast path)."""
+    if swap is False:
+        return False
+    possible = swap_possible(params)
+    if swap and not possible:
+        raise ValueError("swap=True needs parameters that own their memory (no views, no tensor "
+                         "subclasses, not shared between processes), of more than "
+                         f"{SMALL} elements on average, outside CUDA graph capture; use "
+                         "swap=None or False")
     return possible
 
 
@@ -181,6 +215,14 @@ class SAM(torch.optim.Optimizer):
             else the per-tensor loop; ``False``: always the loop; ``True``: always the fast path
             (``ValueError`` at a step whose tensors do not allow it). ``foreach_used`` tells which
             path the last ``first_step()`` took. The base optimizer chooses its own.
+        swap: on the fast path, how ``w`` is kept during pass (3). ``None`` (default): by moving
+            pointers whenever :func:`swap_possible` allows it: ``w + e`` is written into buffers
+            kept from step to step, the parameters point at them (``p.data``) for pass (3), and
+            step (4) points them back at ``w``, which was never touched (exact, and no copy of
+            ``w`` either way); else ``w`` is copied out and back. ``False``: always copy;
+            ``True``: always swap, or a ``ValueError``. ``swap_used`` tells which way the last
+            ``first_step()`` took. Outside ``first_step()``/``second_step()`` the parameters
+            always hold their own memory, so references to ``p.data`` stay valid.
         **base_kwargs: options of the base optimizer (``lr``, ``momentum``, ``weight_decay``, ...).
 
     The base optimizer shares this optimizer's ``param_groups`` and ``state``: LR schedulers see
@@ -197,9 +239,13 @@ class SAM(torch.optim.Optimizer):
         eta: float = 0.0,
         perturb_eps: float = 1e-12,
         foreach: bool | None = None,
+        swap: bool | None = None,
         **base_kwargs,
     ) -> None:
         check_foreach(foreach)
+        check_foreach(swap, "swap")
+        if swap and foreach is False:
+            raise ValueError("swap=True needs the fast path; it cannot go with foreach=False")
         if not (isinstance(base_optimizer, type)
                 and issubclass(base_optimizer, torch.optim.Optimizer)):
             raise ValueError(
@@ -213,6 +259,8 @@ class SAM(torch.optim.Optimizer):
         self.perturb_eps = perturb_eps
         self.foreach = foreach
         self.foreach_used: bool | None = None  # the path of the last first_step()
+        self.swap = swap
+        self.swap_used: bool | None = None  # how the last first_step() kept w
         self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
         self.param_groups = self.base_optimizer.param_groups
         self.state = self.base_optimizer.state
@@ -254,6 +302,7 @@ class SAM(torch.optim.Optimizer):
         if self.foreach_used:
             self._ascend_foreach(groups, params, g)
         else:
+            self.swap_used = False
             if not torch.isfinite(global_norm(g)):
                 raise FloatingPointError("non-finite gradient at w; the weights were not changed")
             group_of = [group for group, ps, _ in groups for _ in ps]  # each tensor's group
@@ -270,12 +319,19 @@ class SAM(torch.optim.Optimizer):
         if zero_grad:
             self.zero_grad()
 
-    def _keep_g(self) -> Params:
-        """A copy of ``g`` for the perturbed tensors, taken after (2) by the variants whose (5)
-        needs it (WSAM, LookSAM); the fast path copies into buffers reused from step to step."""
+    def _keep_g(self, take: bool = False) -> Params:
+        """``g`` of the perturbed tensors, kept after (2) by the variants whose (5) needs it
+        (GSAM, WSAM, LookSAM). ``take``: the gradients are about to be zeroed, so the fast path
+        takes the tensors themselves and leaves ``p.grad`` empty (``None``, as ``zero_grad()``
+        would) instead of copying them; otherwise it copies into buffers reused from step to
+        step, and the loop clones."""
         g = [p.grad for p in self._perturbed]
         if not self.foreach_used:
             return [g_p.clone() for g_p in g]
+        if take:
+            for p in self._perturbed:
+                p.grad = None
+            return g
         kept = self._g_buffers.like(self._perturbed)
         torch._foreach_copy_(kept, g)
         return kept
@@ -298,10 +354,29 @@ class SAM(torch.optim.Optimizer):
             raise FloatingPointError("non-finite gradient at w; the weights were not changed")
         return norm
 
-    def _save_w_foreach(self, params: Params) -> None:
-        """Fast path of ``w = p.clone()``: copy into the buffers kept from the last step."""
-        self._saved_w = self._w_buffers.like(params)
-        torch._foreach_copy_(self._saved_w, params)
+    def _move_foreach(self, params: Params, moves: list[tuple[Params, Params, float]]) -> None:
+        """Step (2) on the fast path, keeping ``w``: ``w + step * v`` for each ``(ps, vs, step)``
+        (one per group; together the ``ps`` are ``params``, in order).
+
+        Swapping (``swap_used``): ``w + step v`` is written into buffers kept from step to step
+        and the parameters point at them; ``w`` stays where it was. Copying: ``w`` is copied into
+        those buffers and the parameters move in place.
+        """
+        self.swap_used = choose_swap(self.swap, params)
+        buffers = self._w_buffers.like(params)
+        if not self.swap_used:
+            self._saved_w = buffers
+            torch._foreach_copy_(self._saved_w, params)
+            for ps, vs, step in moves:
+                torch._foreach_add_(ps, vs, alpha=step)
+            return
+        self._saved_w = [p.data for p in params]
+        moved = iter(buffers)
+        for ps, vs, step in moves:
+            for p, v in zip(ps, vs):
+                torch.add(p, v, alpha=step, out=next(moved))
+        for p, w_e in zip(params, buffers):
+            p.data = w_e
 
     def _ascend_foreach(self, groups: list[tuple[dict, Params, Params]], params: Params,
                         g: Params) -> None:
@@ -327,15 +402,16 @@ class SAM(torch.optim.Optimizer):
         else:
             norm = g_norm
         # (2) ascend to w + e(w), keeping w
-        self._save_w_foreach(params)
+        moves = []
         for (group, ps, gs), t_tg in zip(groups, scaled):
             step = group["rho"] / (norm + self.perturb_eps)
             if t_tg:
                 t, tg = t_tg
                 torch._foreach_mul_(tg, t)  # T^2 g
-                torch._foreach_add_(ps, tg, alpha=step)
+                moves.append((ps, tg, step))
             else:
-                torch._foreach_add_(ps, gs, alpha=step)
+                moves.append((ps, gs, step))
+        self._move_foreach(params, moves)
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> None:
@@ -376,9 +452,12 @@ class SAM(torch.optim.Optimizer):
         return params, g_adv, self._check_g_adv(g_adv)
 
     def _restore_w(self) -> None:
-        """Step (4): restore ``w`` exactly, copying the saved tensors back (subtracting ``e``
-        would not be exact)."""
-        if self.foreach_used:
+        """Step (4): restore ``w`` exactly, pointing the parameters back at it (swapped) or
+        copying the saved tensors back (subtracting ``e`` would not be exact)."""
+        if self.foreach_used and self.swap_used:
+            for p, w in zip(self._perturbed, self._saved_w):
+                p.data = w
+        elif self.foreach_used:
             torch._foreach_copy_(self._perturbed, self._saved_w)  # the buffers are kept
         else:
             for p, w in zip(self._perturbed, self._saved_w):

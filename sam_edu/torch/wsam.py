@@ -104,7 +104,7 @@ class WSAM(SAM):
     def first_step(self, zero_grad: bool = False) -> None:
         """Steps (1)-(2), exactly SAM's: move the weights to ``w + e(w)``, keeping ``g``."""
         super().first_step()
-        self._g = self._keep_g()
+        self._g = self._keep_g(take=zero_grad)
         if zero_grad:
             self.zero_grad()
 
