@@ -29,6 +29,7 @@ from sam_edu.jax.looksam import (
     looksam,
     looksam_direction,
     orthogonal_component,
+    projection_coefficient,
 )
 from sam_edu.jax.sam import (
     SAMState,
@@ -83,6 +84,7 @@ __all__ = [
     "perturbation",
     "perturbation_norm",
     "posterior_sample",
+    "projection_coefficient",
     "sam",
     "sam_perturbation",
     "sample_posterior",

@@ -61,15 +61,24 @@ def is_sam_step(t: int | jax.Array, k: int) -> bool | jax.Array:
     return t % k == 0
 
 
-def orthogonal_component(g_adv: Params, grads: Params, perturb_eps: float = 1e-12) -> Params:
-    """``g_v = g_adv - (g_adv . g_hat) g_hat`` with ``g_hat = g / (||g|| + eps)``.
+def projection_coefficient(g_adv: Params, grads: Params,
+                           perturb_eps: float = 1e-12) -> jax.Array:
+    """``c = (g_adv . g) / (||g|| + eps)^2``: the component of ``g_adv`` along ``g`` is ``c g``.
 
-    The dot product runs over all leaves together. Computed as ``g_v = g_adv - c g`` with the
-    number ``c = (g_adv . g) / (||g|| + eps)^2``, so that no ``g_hat`` is written out to memory.
+    The dot product runs over all leaves together.
     """
     norm = global_norm(grads) + perturb_eps
     along = sum(jnp.sum(a * g) for a, g in zip(jax.tree.leaves(g_adv), jax.tree.leaves(grads)))
-    c = along / norm / norm
+    return along / norm / norm
+
+
+def orthogonal_component(g_adv: Params, grads: Params, perturb_eps: float = 1e-12) -> Params:
+    """``g_v = g_adv - (g_adv . g_hat) g_hat`` with ``g_hat = g / (||g|| + eps)``.
+
+    Computed as ``g_v = g_adv - c g`` with the number ``c`` of :func:`projection_coefficient`,
+    so that no ``g_hat`` is written out to memory.
+    """
+    c = projection_coefficient(g_adv, grads, perturb_eps)
     return jax.tree.map(lambda a, g: a - c * g, g_adv, grads)
 
 
@@ -232,6 +241,7 @@ def looksam(
         # the norm that scales a SAM step's e also tells whether g is finite
         norm = perturbation_norm(g, params, adaptive)
         finite = jnp.isfinite(norm)
+        c_dtype = jnp.result_type(*jax.tree.leaves(g))  # the dtype of the dot product g_adv . g
 
         def sam_step():
             # (2) ascend to w + e(w) (SAM, or ASAM with eta = 0)
@@ -242,25 +252,29 @@ def looksam(
             g_adv = lax.platform_dependent(perturbed, cpu=canonical_convolutions(grad_fn),
                                            default=grad_fn)
             # (4) restore w: JAX is functional, so ``params`` was never changed
-            # d = g_adv, keeping g_v for the next k - 1 steps
-            return (g_adv, orthogonal_component(g_adv, g, perturb_eps),
+            # d = g_adv, and the number c of g_v = g_adv - c g, kept for the next k - 1 steps
+            return (g_adv, projection_coefficient(g_adv, g, perturb_eps).astype(c_dtype),
                     jnp.isfinite(global_norm(g_adv)))
 
         def cheap_step():
             # g plus the stored orthogonal component, rescaled; no second gradient
-            return (looksam_direction(g, state.g_v, alpha, perturb_eps), state.g_v,
-                    jnp.asarray(True))
+            return (looksam_direction(g, state.g_v, alpha, perturb_eps),
+                    jnp.zeros([], c_dtype), jnp.asarray(True))
 
-        # a SAM step runs (2)-(4), a cheap one skips them: only the chosen branch runs
-        d, g_v, finite_adv = jax.lax.cond(is_sam_step(state.count, k), sam_step, cheap_step)
+        # a SAM step runs (2)-(4), a cheap one skips them: only the chosen branch runs. Only
+        # d and two numbers leave the branch: the buffers a branch returns are written anew
+        sam_now = is_sam_step(state.count, k)
+        d, c, finite_adv = jax.lax.cond(sam_now, sam_step, cheap_step)
         finite = finite & finite_adv
         # (5) base step at w with d; a non-finite g or g_adv skips the step instead
         updates, base_state = base.update(d, state.base_state, params, **extra_args)
         updates, base_state = skip_unless_finite(finite, updates, base_state, state.base_state)
+        # a finite SAM step keeps g_v = g_adv - c g (orthogonal_component, with the branch's c)
+        g_v = jax.tree.map(lambda a, g_p: (a - c * g_p).astype(a.dtype), d, g)
         return updates, LookSAMState(
             base_state=base_state,
             count=jnp.where(finite, optax.safe_increment(state.count), state.count),
-            g_v=keep_finite(finite, g_v, state.g_v),
+            g_v=keep_finite(sam_now & finite, g_v, state.g_v),
             notfinite_count=jnp.where(finite, state.notfinite_count, state.notfinite_count + 1),
         )
 
