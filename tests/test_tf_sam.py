@@ -218,6 +218,59 @@ def test_non_finite_gradient_raises_and_leaves_w_unchanged(where, mode):
         np.testing.assert_array_equal(m.numpy(), 0.0)
 
 
+@pytest.mark.parametrize("where", ["centre", "perturbed"])
+def test_a_norm_that_overflows_counts_as_non_finite(where):
+    """The check goes through the global norm, as the reference's does: every element finite
+    but the sum of squares beyond float32 still raises, and w is left as it was."""
+    variables = [tf.Variable(np.ones((3, 2), "float32")), tf.Variable(np.zeros(2, "float32"))]
+    before = _values(variables)
+    opt = SAM(keras.optimizers.SGD(0.1))
+    opt.build(variables)
+    good = [tf.ones((3, 2)), tf.ones(2)]
+    huge = [tf.ones((3, 2)), tf.constant([1e20, 1.0])]  # finite; its square is not
+    with pytest.raises(tf.errors.InvalidArgumentError, match="non-finite gradient"):
+        if where == "centre":
+            opt.first_step(huge, variables)
+        else:
+            opt.first_step(good, variables)
+            opt.second_step(huge, variables)
+    for v, b in zip(variables, before):
+        np.testing.assert_array_equal(v.numpy(), b)
+
+
+@pytest.mark.parametrize("make", [
+    lambda base: SAM(base),
+    lambda base: samtf.GSAM(None, base, 0.05),
+    lambda base: samtf.WSAM(None, base),
+], ids=["sam", "gsam", "wsam"])
+def test_a_step_checks_two_norms_not_every_tensor(make):
+    """One ``CheckNumerics`` on the norm of ``g`` (the one that scales ``e``) and one on the
+    norm of ``g_adv``, whatever the number of tensors; w + e is added in place."""
+    variables = [tf.Variable(np.ones((3, 2), "float32")), tf.Variable(np.zeros(2, "float32")),
+                 tf.Variable(np.ones((2, 2), "float32"))]
+    opt = make(keras.optimizers.SGD(0.1))
+    opt.build(variables)
+    step = tf.function(_two_pass_step(opt, variables, lambda v, x, y: tf.reduce_sum(
+        tf.tanh(x @ v[0] + v[1]) @ v[2]) * y))
+    graph = step.get_concrete_function(tf.ones((4, 3)), tf.constant(1.0)).graph
+    ops = [op.type for op in graph.get_operations()]
+    assert ops.count("CheckNumerics") == 2
+    assert ops.count("AssignAddVariableOp") >= len(variables)  # (2): w += e, in place
+
+
+def test_perturbation_with_a_precomputed_norm_is_the_same():
+    g = [tf.constant(a) for a in _tree(0)]
+    w = [tf.constant(a) for a in _tree(1)]
+    flags, etas = [True, False, True], [0.01, 0.0, 0.1]
+    norm = samtf.perturbation_norm(g, w, flags, etas)
+    t_g = [np.asarray(a) * ((np.abs(np.asarray(b)) + e) if f else 1.0)
+           for a, b, f, e in zip(g, w, flags, etas)]
+    np.testing.assert_allclose(norm.numpy(), np.sqrt(sum(np.sum(v * v) for v in t_g)), rtol=1e-12)
+    for a, b in zip(samtf.perturbation(g, w, 0.5, flags, etas, norm=norm),
+                    samtf.perturbation(g, w, 0.5, flags, etas)):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
 # --- the TF2 seed README, as written (only the import changed) -----------------------------------
 
 def _seed_data():

@@ -31,12 +31,14 @@ from sam_edu.tf.sam import SAM, Params, _keras_config, _keras_options, _model_re
 
 
 def gsam_perturbation(grads: Params, params: Params, rho, adaptive: bool = False,
-                      perturb_eps: float = 1e-12) -> Params:
+                      perturb_eps: float = 1e-12, norm: tf.Tensor | None = None) -> Params:
     """``e = rho g / (||g|| + eps)``, or ``e = rho |w| g / (||g|| + eps)`` when ``adaptive``.
 
-    ``rho`` (a float or a tensor of the gradients' dtype) is clamped at 0.
+    ``rho`` (a float or a tensor of the gradients' dtype) is clamped at 0; ``norm`` is
+    ``||g||`` when the caller has it already.
     """
-    norm = global_norm(grads)
+    if norm is None:
+        norm = global_norm(grads)
     scale = tf.maximum(tf.convert_to_tensor(rho, dtype=norm.dtype), 0.0) / (norm + perturb_eps)
     return [scale * (tf.abs(w) if adaptive else 1.0) * g for w, g in zip(params, grads)]
 
@@ -95,10 +97,14 @@ class GSAM(SAM):
             rho = tf.cast(rho(self.iterations), dtype)
         return tf.maximum(tf.convert_to_tensor(rho, dtype=dtype), 0.0)
 
-    def _perturbation(self, g, params):
+    def _perturbation_norm(self, g, params):
+        """``||g||``: GSAM's ``e`` divides by it, ``adaptive`` or not."""
+        return global_norm(g)
+
+    def _perturbation(self, g, params, norm):
         """(2) ``e = rho_t g / (||g|| + eps)``, times ``|w|`` when ``adaptive``."""
         return gsam_perturbation(g, params, self.current_rho(g[0].dtype), self.adaptive,
-                                 self.perturb_eps)
+                                 self.perturb_eps, norm)
 
     def _step_at_w(self, g_adv, variables):
         """(5) the base optimizer steps at ``w`` with ``d = g_adv - alpha g_perp``."""
