@@ -126,21 +126,26 @@ def test_fast_path_non_finite_gradient_raises_and_restores_w(make, where):
     before = [p.detach().clone() for p in params]
     if isinstance(optimizer, BSAM):
         optimizer.noisy_step()
+    raise_non_finite(optimizer, params, where)
+    for p, w in zip(params, before):
+        assert torch.equal(p.detach(), w)
+
+
+def raise_non_finite(optimizer, params, where):
+    """A NaN in ``g`` (``where="w"``) or an Inf in ``g_adv``: the step raises."""
     for p in params:
         p.grad = torch.ones_like(p)
     if where == "w":
         params[1].grad[0] = float("nan")
         with pytest.raises(FloatingPointError, match="non-finite gradient at (w;|the noisy)"):
             optimizer.first_step()
-    else:
-        assert optimizer.first_step() is not False
-        for p in params:
-            p.grad = torch.ones_like(p)
-        params[1].grad[0] = float("inf")
-        with pytest.raises(FloatingPointError, match="w was restored"):
-            optimizer.second_step()
-    for p, w in zip(params, before):
-        assert torch.equal(p.detach(), w)
+        return
+    assert optimizer.first_step() is not False
+    for p in params:
+        p.grad = torch.ones_like(p)
+    params[1].grad[0] = float("inf")
+    with pytest.raises(FloatingPointError, match="w was restored"):
+        optimizer.second_step()
 
 
 def test_saved_copies_are_reused_between_steps():
@@ -214,19 +219,7 @@ def test_swap_non_finite_gradient_raises_and_restores_w(where):
     params, optimizer = run_big(CASES["sam"], True)
     pointers = [p.data_ptr() for p in params]
     before = [p.detach().clone() for p in params]
-    for p in params:
-        p.grad = torch.ones_like(p)
-    if where == "w":
-        params[1].grad[0] = float("nan")
-        with pytest.raises(FloatingPointError, match="non-finite gradient at w;"):
-            optimizer.first_step()
-    else:
-        optimizer.first_step()
-        for p in params:
-            p.grad = torch.ones_like(p)
-        params[1].grad[0] = float("inf")
-        with pytest.raises(FloatingPointError, match="w was restored"):
-            optimizer.second_step()
+    raise_non_finite(optimizer, params, where)
     assert [p.data_ptr() for p in params] == pointers
     for p, w in zip(params, before):
         assert torch.equal(p.detach(), w)
