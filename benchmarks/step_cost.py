@@ -134,7 +134,7 @@ SIZES = dict(cnn=dict(batch=32, image_size=32, channels=32),
 TINY_SIZES = dict(cnn=dict(batch=2, image_size=8, channels=4),
                   mlp=dict(batch=4, widths=[48, 16, 16, 16, 10]),
                   tensors=dict(tensors=20, width=4))
-DEFAULT_TIMING = dict(repeats=6, steps=5, tensors_steps=20, warmup=5)
+DEFAULT_TIMING = dict(repeats=10, steps=5, tensors_steps=20, warmup=5)
 TINY_TIMING = dict(repeats=2, steps=5, tensors_steps=5, warmup=5)
 
 
@@ -146,7 +146,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=ROOT / "book" / "results" / "step_cost_cpu.json",
                    help="where to write the JSON results")
     p.add_argument("--repeats", type=int, default=None,
-                   help="timed rounds (default 6; --tiny: 2)")
+                   help="timed rounds (default 10; --tiny: 2)")
     p.add_argument("--steps", type=int, default=None,
                    help="steps per timed block, cases cnn and mlp; a multiple of k=5 "
                         "(default 5; --tiny: 5)")

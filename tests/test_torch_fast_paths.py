@@ -182,7 +182,7 @@ def run_big(make_optimizer, swap):
     return params, optimizer
 
 
-@pytest.mark.parametrize("name", sorted(set(CASES) - {"bsam"}))
+@pytest.mark.parametrize("name", sorted(CASES))
 def test_swap_gives_the_numbers_of_the_copy(name):
     """Bit for bit: the same additions, written into a buffer instead of in place."""
     copy_params, copy = run_big(CASES[name], False)
@@ -260,3 +260,58 @@ def test_swap_arguments_are_checked():
         SAM([p], torch.optim.SGD, lr=0.1, swap="yes")
     with pytest.raises(ValueError, match="swap=True needs the fast path"):
         SAM([p], torch.optim.SGD, lr=0.1, swap=True, foreach=False)
+
+
+def test_bsam_swap_points_away_for_both_passes_and_back():
+    """bSAM's parameters point at a buffer holding the noisy point (pass 1), then ``w + e``
+    (pass 3), and back at ``w`` after the step; a parameter without a gradient at the noisy
+    point is at ``w`` for pass 3, as on the copying path."""
+    params, optimizer = run_big(CASES["bsam"], None)
+    assert optimizer.swap_used
+    pointers = [p.data_ptr() for p in params]
+    before = [p.detach().clone() for p in params]
+    optimizer.zero_grad()
+    optimizer.noisy_step()
+    noisy = [p.detach().clone() for p in params]
+    assert all(p.data_ptr() != q for p, q in zip(params, pointers))
+    assert not any(torch.equal(a, w) for a, w in zip(noisy, before))
+    for p in params[:3]:  # the last parameter gets no gradient at the noisy point
+        p.grad = torch.ones_like(p)
+    optimizer.first_step(zero_grad=True)
+    assert torch.equal(params[3].detach(), before[3]) and params[3].data_ptr() == pointers[3]
+    assert not torch.equal(params[0].detach(), before[0])
+    for p in params[:3]:
+        p.grad = torch.ones_like(p)
+    optimizer.second_step()
+    assert [p.data_ptr() for p in params] == pointers
+    copied_params, copied = run_big(CASES["bsam"], False)
+    copied.zero_grad()
+    copied.noisy_step()
+    for p in copied_params[:3]:
+        p.grad = torch.ones_like(p)
+    copied.first_step(zero_grad=True)
+    for p in copied_params[:3]:
+        p.grad = torch.ones_like(p)
+    copied.second_step()
+    for a, b in zip(params, copied_params):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("where", ["w", "w + e"])
+def test_bsam_swap_non_finite_gradient_raises_and_restores_w(where):
+    params, optimizer = run_big(CASES["bsam"], True)
+    pointers = [p.data_ptr() for p in params]
+    before = [p.detach().clone() for p in params]
+    optimizer.noisy_step()
+    raise_non_finite(optimizer, params, where)
+    assert [p.data_ptr() for p in params] == pointers
+    for p, w in zip(params, before):
+        assert torch.equal(p.detach(), w)
+
+
+def test_bsam_swap_arguments_are_checked():
+    p = torch.nn.Parameter(torch.randn(3))
+    with pytest.raises(ValueError, match="swap must be None, True or False"):
+        BSAM([p], num_data=10, swap=1)
+    with pytest.raises(ValueError, match="swap=True needs the fast path"):
+        BSAM([p], num_data=10, swap=True, foreach=False)

@@ -60,7 +60,7 @@ from collections.abc import Callable, Collection, Iterator, Sequence
 import torch
 
 from sam_edu.reference.bsam import check_bsam_arguments
-from sam_edu.torch.sam import (Buffers, check_foreach, choose_foreach, global_norm,
+from sam_edu.torch.sam import (Buffers, check_foreach, choose_foreach, choose_swap, global_norm,
                                global_norm_foreach)
 
 Params = list[torch.Tensor]
@@ -118,6 +118,12 @@ class BSAM(torch.optim.Optimizer):
             dense, on one device and of one floating-point dtype, else the per-tensor loop;
             ``False``: always the loop; ``True``: always the fast path (``ValueError`` when the
             tensors do not allow it). ``foreach_used`` tells which path the last step took.
+        swap: on the fast path, how ``w`` is kept while the parameters hold the noisy point and
+            then ``w + e``, as in :class:`sam_edu.torch.SAM`: ``None`` (default) points them at
+            buffers holding those points whenever ``swap_possible`` allows it, and back at
+            ``w`` (never written) at the end of the step; else ``w`` is copied out and back.
+            ``False``: always copy; ``True``: always swap, or a ``ValueError``. ``swap_used``
+            tells which way the last step took.
 
     Only parameters with ``requires_grad`` are perturbed and updated. ``state_dict()`` holds
     ``m``, ``s``, the step count and the generators' states, so a resumed run draws the noise an
@@ -137,8 +143,12 @@ class BSAM(torch.optim.Optimizer):
         s_init: float = 1.0,
         seed: int | None = None,
         foreach: bool | None = None,
+        swap: bool | None = None,
     ) -> None:
         check_foreach(foreach)
+        check_foreach(swap, "swap")
+        if swap and foreach is False:
+            raise ValueError("swap=True needs the fast path; it cannot go with foreach=False")
         check_bsam_arguments(num_data, lr, beta1, beta2, weight_decay, rho, damping, s_init)
         if not (seed is None or (isinstance(seed, numbers.Integral)
                                  and not isinstance(seed, bool))):
@@ -152,6 +162,8 @@ class BSAM(torch.optim.Optimizer):
         self.steps_taken = 0
         self.foreach = foreach
         self.foreach_used: bool | None = None  # the path of the last noisy_step()
+        self.swap = swap
+        self.swap_used: bool | None = None  # how the last noisy_step() kept w
         self._w_buffers, self._g_buffers = Buffers(), Buffers()  # the fast path's copies
         # w, saved by noisy_step() for (2) and (4), and g from (1), kept for update 7. Not in
         # self.state: a checkpoint has no use for them (it is taken between steps).
@@ -221,24 +233,36 @@ class BSAM(torch.optim.Optimizer):
                      for n, p in zip(noise, params)]
         s = [self._precision(p) for p in params]
         self.foreach_used = choose_foreach(self.foreach, params, [])
+        self.swap_used = self.foreach_used and choose_swap(self.swap, params)
         if self.foreach_used:
-            # the same update 1 on the fast path: w += (n / sqrt(s)) / sqrt(N), w kept in reused
-            # buffers and sqrt(s) for update 7 (s does not change before it)
-            saved = self._w_buffers.like(params)
-            torch._foreach_copy_(saved, params)
-            self._saved_w = dict(zip(params, saved))
+            # the same update 1 on the fast path: w + (n / sqrt(s)) / sqrt(N), keeping w and
+            # sqrt(s) for update 7 (s does not change before it)
             root_s = torch._foreach_sqrt(s)
-            torch._foreach_addcdiv_(params, list(noise), root_s, value=self.num_data ** -0.5)
             self._root_s = dict(zip(params, root_s))
+            buffers = self._w_buffers.like(params)
+            if self.swap_used:  # written into the buffers, which the parameters point at
+                self._saved_w = {p: p.data for p in params}
+                for p, b, n, r in zip(params, buffers, noise, root_s):
+                    torch.addcdiv(p, n, r, value=self.num_data ** -0.5, out=b)
+                for p, b in zip(params, buffers):
+                    p.data = b
+                return
+            torch._foreach_copy_(buffers, params)  # copied out, then moved in place
+            self._saved_w = dict(zip(params, buffers))
+            torch._foreach_addcdiv_(params, list(noise), root_s, value=self.num_data ** -0.5)
             return
         self._saved_w = {p: p.clone() for p in params}
         for p, w_noisy in zip(params, posterior_sample(params, s, noise, self.num_data)):
             p.copy_(w_noisy)
 
     def _end_step(self) -> None:
-        """Copy the saved ``w`` back into every parameter (exactly: nothing is subtracted), and
-        forget the step, so that the next ``noisy_step()`` starts afresh."""
-        if self.foreach_used:
+        """Give every parameter its saved ``w`` back (exactly: nothing is subtracted), pointing
+        it back (swapped) or copying, and forget the step, so that the next ``noisy_step()``
+        starts afresh."""
+        if self.swap_used:
+            for p, w in self._saved_w.items():
+                p.data = w
+        elif self.foreach_used:
             torch._foreach_copy_(list(self._saved_w), list(self._saved_w.values()))
         else:
             for p, w in self._saved_w.items():
@@ -266,13 +290,27 @@ class BSAM(torch.optim.Optimizer):
             self._end_step()
             raise FloatingPointError("non-finite gradient at the noisy point; "
                                      "w was restored and not updated")
-        if self.foreach_used:
+        if self.foreach_used and zero_grad:  # the gradients are dropped next: take them
+            g = dict(zip(with_grad, grads))
+            for p in with_grad:
+                p.grad = None
+        elif self.foreach_used:
             copies = self._g_buffers.like(with_grad)
             torch._foreach_copy_(copies, grads)
             g = dict(zip(with_grad, copies))
         else:
             g = {p: g_p.clone() for p, g_p in zip(with_grad, grads)}
         # (2) ascend from w (not from the noisy point) to w + rho g / s
+        if self.swap_used:
+            self._ascend_swapped(g)
+        else:
+            self._ascend_copied(g)
+        self._g = g
+        if zero_grad:
+            self.zero_grad()
+
+    def _ascend_copied(self, g: dict[torch.Tensor, torch.Tensor]) -> None:
+        """Step (2) in place: copy ``w`` back over the noisy point, then add ``e = rho g / s``."""
         if self.foreach_used:
             torch._foreach_copy_(list(self._saved_w), list(self._saved_w.values()))
         else:
@@ -286,9 +324,17 @@ class BSAM(torch.optim.Optimizer):
                 continue
             for p, e_p in zip(params, bsam_perturbation(g_group, s, group["rho"])):
                 p.add_(e_p)
-        self._g = g
-        if zero_grad:
-            self.zero_grad()
+
+    def _ascend_swapped(self, g: dict[torch.Tensor, torch.Tensor]) -> None:
+        """Step (2) when swapped: ``w + rho g / s`` is written over the noisy point, in the
+        buffers the parameters point at; a parameter without ``g`` points back at ``w``."""
+        for group, params in self._by_group(g):
+            for p in params:
+                torch.addcdiv(self._saved_w[p], g[p], self.state[p]["precision"],
+                              value=group["rho"], out=p.data)
+        for p, w in self._saved_w.items():
+            if p not in g:
+                p.data = w
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> None:
