@@ -13,10 +13,17 @@ torch = pytest.importorskip("torch")
 import torch.nn.functional as F  # noqa: E402
 
 import parity  # noqa: E402
+from torch_helpers import (  # noqa: E402
+    DTYPES,
+    assert_bit_identical,
+    leaves,
+    mlp_loss,
+    numpy,
+    snapshot,
+    torch_batches,
+)
 from sam_edu import reference as ref  # noqa: E402
 from sam_edu.torch import BSAM, SAM, LookSAM, disable_running_stats  # noqa: E402
-
-DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -27,33 +34,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def mlp_loss(params, x, y):
-    """The reference's tanh network, same ``(inputs, outputs)`` layout: ``x @ W1 + b1``."""
-    w1, b1, w2, b2 = params
-    return F.cross_entropy(torch.tanh(x @ w1 + b1) @ w2 + b2, y)
-
-
-def leaves(arrays, dtype=torch.float64):
-    return [torch.tensor(a, dtype=dtype, requires_grad=True) for a in arrays]
-
-
-def numpy(params):
-    return [p.detach().to(torch.float64).numpy().copy() for p in params]
-
-
-def torch_batches(dtype=torch.float64):
-    return [(torch.tensor(x, dtype=dtype), torch.tensor(y)) for x, y in parity.batches()]
-
-
-def snapshot(params):
-    return [p.detach().clone() for p in params]
-
-
-def assert_bit_identical(got, want):
-    for g, w in zip(got, want):
-        assert torch.equal(g, w)
 
 
 def closure_for(optimizer, params, x, y, calls=None):
