@@ -15,6 +15,15 @@ jax.config.update("jax_enable_x64", True)  # float32 tests below use explicit fl
 import jax.numpy as jnp  # noqa: E402
 
 import parity  # noqa: E402
+from jax_helpers import (  # noqa: E402
+    as_jax,
+    as_numpy,
+    base_sgd,
+    mlp_loss,
+    poison,
+    problem,
+    two_gradients,
+)
 from sam_edu import reference as ref  # noqa: E402
 from sam_edu.jax import (  # noqa: E402
     BSAMState,
@@ -32,38 +41,6 @@ from sam_edu.jax import (  # noqa: E402
     sam,
     sample_posterior,
 )
-
-
-def mlp_loss(params, x, y):
-    """The parity network: mean softmax cross-entropy of ``tanh(x W1 + b1) W2 + b2``."""
-    w1, b1, w2, b2 = params
-    logits = jnp.tanh(x @ w1 + b1) @ w2 + b2
-    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-
-def as_jax(tree, dtype="float64"):
-    return [jnp.asarray(v, dtype) for v in tree]
-
-
-def as_numpy(tree):
-    return [np.asarray(v) for v in tree]
-
-
-def base_sgd(lr, momentum):
-    return optax.sgd(lr, momentum=momentum or None)
-
-
-def _problem(dtype="float64"):
-    """Parameters, the gradient at them, and a ``grad_fn`` for the first parity batch."""
-    params = as_jax(parity.init_params(), dtype)
-    x, y = parity.batches()[0]
-    grad_fn = jax.grad(lambda p: mlp_loss(p, jnp.asarray(x, dtype), jnp.asarray(y)))
-    return params, grad_fn(params), grad_fn
-
-
-def _poison(tree, value):
-    """``tree`` with ``value`` (NaN or Inf) in one element of its second leaf."""
-    return [v.at[0].set(value) if i == 1 else v for i, v in enumerate(tree)]
 
 
 def _counting(grad_fn, counter):
@@ -206,14 +183,8 @@ def test_bsam_with_lr_zero_never_moves_the_weights(jit):
     assert any(np.any(np.asarray(s) != 1.0) for s in state.precision)
 
 
-def _two_gradients():
-    params, g, grad_fn = _problem()
-    g_adv = grad_fn(jax.tree.map(lambda w, gi: w + 0.3 * gi, params, g))
-    return params, g, g_adv
-
-
 def test_bsam_pure_functions_match_the_reference():
-    params, g, g_adv = _two_gradients()
+    params, g, g_adv = two_gradients()
     w, gn, gan = parity.init_params(), as_numpy(g), as_numpy(g_adv)
     noise = parity.bsam_noise()[0]
     s = [np.full_like(v, 1.5) + 0.1 * np.abs(n) for v, n in zip(w, noise)]
@@ -257,7 +228,7 @@ def test_sample_posterior_has_the_posterior_spread():
 
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
 def test_bsam_evaluates_grad_fn_twice_per_update(jit):
-    params, _, grad_fn = _problem()
+    params, _, grad_fn = problem()
     counter = [0]
     opt = bsam(100)
     update = jax.jit(opt.update, static_argnames="grad_fn") if jit else opt.update
@@ -271,7 +242,7 @@ def test_bsam_evaluates_grad_fn_twice_per_update(jit):
 
 def test_bsam_grad_fn_sees_the_noisy_point_then_the_ascent_from_w():
     """Pass 1 at ``w + n / sqrt(N s)``, pass 2 at ``w + rho g / s`` (from w, not w_noisy)."""
-    params, _, grad_fn = _problem()
+    params, _, grad_fn = problem()
     calls = []
 
     def recorder(p):
@@ -301,7 +272,7 @@ def test_bsam_checkpoint_resume_equals_the_uninterrupted_run():
 
 
 def test_bsam_state_is_a_named_tuple():
-    params, _, _ = _problem("float32")
+    params, _, _ = problem("float32")
     state = bsam(100, s_init=2.0, seed=4).init(params)
     assert isinstance(state, BSAMState) and isinstance(state, tuple)
     assert BSAMState._fields == ("count", "key", "momentum", "precision", "notfinite_count")
@@ -316,7 +287,7 @@ def test_bsam_state_is_a_named_tuple():
 
 def test_bsam_works_on_a_dict_of_params():
     """The state and the noise follow the params' own pytree structure (here a dict, as in Flax)."""
-    params, _, _ = _problem()
+    params, _, _ = problem()
     names = ["w1", "b1", "w2", "b2"]
     x, y = (jnp.asarray(v) for v in parity.batches()[0])
     noise = as_jax(parity.bsam_noise()[0])
@@ -332,7 +303,7 @@ def test_bsam_works_on_a_dict_of_params():
 
 def test_bsam_sits_in_a_chain_with_extra_args():
     """Extra keyword arguments pass by bSAM to the transforms after it (here the loss as value=)."""
-    params, _, grad_fn = _problem()
+    params, _, grad_fn = problem()
     opt = optax.chain(bsam(100), optax.contrib.reduce_on_plateau())
 
     @jax.jit
@@ -358,10 +329,10 @@ def test_bsam_non_finite_gradient_skips_the_step(where, value):
         def g_fn(p):
             calls.append(p)
             if bad == "noisy" and len(calls) == 1:
-                return _poison(grad_fn(p), value)
+                return poison(grad_fn(p), value)
             if bad == "noisy":  # pass 2 ignores the NaN point, so only the check of g can see it
                 return grad_fn(params)
-            return _poison(grad_fn(p), value) if bad == "perturbed" else grad_fn(p)
+            return poison(grad_fn(p), value) if bad == "perturbed" else grad_fn(p)
 
         updates, state = opt.update(None, state, params, grad_fn=g_fn)
         return optax.apply_updates(params, updates), state, updates
@@ -389,7 +360,7 @@ def test_bsam_non_finite_gradient_skips_the_step(where, value):
 
 
 def test_bsam_update_refuses_grads():
-    params, g, grad_fn = _problem()
+    params, g, grad_fn = problem()
     opt = bsam(100)
     with pytest.raises(ValueError, match="grads must be None"):
         opt.update(g, opt.init(params), params, grad_fn=grad_fn)
@@ -402,7 +373,7 @@ def test_bsam_update_refuses_grads():
     pytest.param(lambda n: [v.sum() for v in n], id="scalars"),  # would broadcast silently
 ])
 def test_bsam_noise_must_be_shaped_like_the_params(bad):
-    params, _, grad_fn = _problem()
+    params, _, grad_fn = problem()
     opt = bsam(100)
     noise = bad(as_jax(parity.bsam_noise()[0]))
     with pytest.raises(ValueError, match="noise must be a pytree shaped like params"):
@@ -411,7 +382,7 @@ def test_bsam_noise_must_be_shaped_like_the_params(bad):
 
 @pytest.mark.parametrize("missing", ["grad_fn", "params"])
 def test_bsam_update_without_grad_fn_or_params_names_it(missing):
-    params, _, grad_fn = _problem()
+    params, _, grad_fn = problem()
     opt = bsam(100)
     kwargs = dict(params=params, grad_fn=grad_fn)
     kwargs[missing] = None
@@ -522,7 +493,7 @@ def test_looksam_evaluates_n_plus_ceil_n_over_k_gradients(k, jit, steps):
 
 def test_looksam_keeps_the_orthogonal_component_of_the_sam_step():
     """After step 0 (a SAM step) ``g_v`` is the reference's; a cheap step 1 keeps it."""
-    params, g, grad_fn = _problem()
+    params, g, grad_fn = problem()
     opt = looksam(optax.sgd(0.1), rho=0.1, k=2)
     _, state = opt.update(g, opt.init(params), params, grad_fn=grad_fn)
     e = ref.perturbation(as_numpy(g), parity.init_params(), 0.1)
@@ -537,7 +508,7 @@ def test_looksam_keeps_the_orthogonal_component_of_the_sam_step():
 
 
 def test_looksam_pure_functions_match_the_reference():
-    _, g, g_adv = _two_gradients()
+    _, g, g_adv = two_gradients()
     g_v = orthogonal_component(g_adv, g)
     want = ref.orthogonal_component(as_numpy(g_adv), as_numpy(g))
     for a, b in zip(g_v, want):
@@ -564,7 +535,7 @@ def test_looksam_checkpoint_resume_equals_the_uninterrupted_run():
 
 
 def test_looksam_state_is_a_named_tuple_holding_the_base_state():
-    params, _, _ = _problem("float32")
+    params, _, _ = problem("float32")
     base = optax.sgd(0.1, momentum=0.9)
     state = looksam(base).init(params)
     assert isinstance(state, LookSAMState) and isinstance(state, tuple)
@@ -578,7 +549,7 @@ def test_looksam_state_is_a_named_tuple_holding_the_base_state():
 @pytest.mark.parametrize("t", [0, 1], ids=["sam-step", "cheap-step"])
 def test_looksam_extra_args_reach_the_base_optimizer(t):
     """A real client of extra args: reduce_on_plateau reads the loss as ``value=``."""
-    params, g, grad_fn = _problem()
+    params, g, grad_fn = problem()
     opt = looksam(optax.chain(optax.sgd(0.1), optax.contrib.reduce_on_plateau()), k=2)
 
     @jax.jit
@@ -603,9 +574,9 @@ def test_looksam_non_finite_gradient_skips_the_step(where, value):
         g, g_fn = grad_fn(params), grad_fn
         if bad.startswith("centre"):
             # a grad_fn that does not propagate the NaN of w + e, so only the check of g can see it
-            g, g_fn = _poison(g, value), lambda _: grad_fn(params)
+            g, g_fn = poison(g, value), lambda _: grad_fn(params)
         elif bad == "perturbed-sam":
-            g_fn = lambda p: _poison(grad_fn(p), value)  # noqa: E731
+            g_fn = lambda p: poison(grad_fn(p), value)  # noqa: E731
         updates, state = opt.update(g, state, params, grad_fn=g_fn)
         return optax.apply_updates(params, updates), state, updates
 
@@ -644,7 +615,7 @@ def test_looksam_invalid_hyperparameters_name_the_argument(name, value):
 
 @pytest.mark.parametrize("missing", ["grad_fn", "params"])
 def test_looksam_update_without_grad_fn_or_params_names_it(missing):
-    params, g, grad_fn = _problem()
+    params, g, grad_fn = problem()
     opt = looksam(optax.sgd(0.1))
     kwargs = dict(params=params, grad_fn=grad_fn)
     kwargs[missing] = None

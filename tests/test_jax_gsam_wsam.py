@@ -10,6 +10,15 @@ jax.config.update("jax_enable_x64", True)  # float32 tests below use explicit fl
 import jax.numpy as jnp  # noqa: E402
 
 import parity  # noqa: E402
+from jax_helpers import (  # noqa: E402
+    as_jax,
+    as_numpy,
+    base_sgd,
+    mlp_loss,
+    poison,
+    problem,
+    two_gradients,
+)
 from sam_edu import reference as ref  # noqa: E402
 from sam_edu.jax import (  # noqa: E402
     GSAMState,
@@ -25,21 +34,6 @@ from sam_edu.jax import (  # noqa: E402
     wsam,
     wsam_direction,
 )
-
-
-def mlp_loss(params, x, y):
-    """The parity network: mean softmax cross-entropy of ``tanh(x W1 + b1) W2 + b2``."""
-    w1, b1, w2, b2 = params
-    logits = jnp.tanh(x @ w1 + b1) @ w2 + b2
-    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-
-def as_jax(tree, dtype):
-    return [jnp.asarray(v, dtype) for v in tree]
-
-
-def as_numpy(tree):
-    return [np.asarray(v) for v in tree]
 
 
 def run(opt, dtype, jit=True):
@@ -59,10 +53,6 @@ def run(opt, dtype, jit=True):
     return out, state
 
 
-def base_sgd(lr, momentum):
-    return optax.sgd(lr, momentum=momentum or None)
-
-
 def linear_rho():
     return optax.linear_schedule(**parity.RHO_SCHEDULE)
 
@@ -78,14 +68,6 @@ def wsam_from_case(wsam_kwargs, base_kwargs):
     return wsam(base_sgd(**base_kwargs), learning_rate=base_kwargs["lr"], **wsam_kwargs)
 
 
-def _problem(dtype="float64"):
-    """Parameters, the gradient at them, and a ``grad_fn`` for the first parity batch."""
-    params = as_jax(parity.init_params(), dtype)
-    x, y = parity.batches()[0]
-    grad_fn = jax.grad(lambda p: mlp_loss(p, jnp.asarray(x, dtype), jnp.asarray(y)))
-    return params, grad_fn(params), grad_fn
-
-
 # --- parity with the reference ------------------------------------------------------------------
 
 def test_linear_schedule_is_the_parity_schedule():
@@ -94,7 +76,7 @@ def test_linear_schedule_is_the_parity_schedule():
     The count is JAX's default integer (int64 here), so the schedule evaluates in float64; an
     int32 count would give float32 values, off by about 1e-9.
     """
-    params, _, _ = _problem()
+    params, _, _ = problem()
     count = gsam(optax.sgd(0.1), linear_rho()).init(params).count
     assert count.dtype == jnp.int64
     for t in range(parity.STEPS + 2):
@@ -217,15 +199,9 @@ def test_lr_proportional_rho_matches_the_reference(rho_min):
 
 # --- the pure functions against the reference ----------------------------------------------------
 
-def _two_gradients():
-    params, g, grad_fn = _problem()
-    g_adv = grad_fn(jax.tree.map(lambda w, gi: w + 0.3 * gi, params, g))
-    return params, g, g_adv
-
-
 @pytest.mark.parametrize("adaptive", [False, True])
 def test_gsam_perturbation_matches_the_reference(adaptive):
-    params, g, _ = _two_gradients()
+    params, g, _ = two_gradients()
     got = gsam_perturbation(g, params, 0.5, adaptive)
     want = ref.gsam_perturbation(as_numpy(g), parity.init_params(), 0.5, adaptive)
     for a, b in zip(got, want):
@@ -233,7 +209,7 @@ def test_gsam_perturbation_matches_the_reference(adaptive):
 
 
 def test_decompose_and_gsam_direction_match_the_reference():
-    _, g, g_adv = _two_gradients()
+    _, g, g_adv = two_gradients()
     g_par, g_perp = decompose(g, g_adv)
     want_par, want_perp = ref.decompose(as_numpy(g), as_numpy(g_adv))
     for a, b in zip(g_par + g_perp, want_par + want_perp):
@@ -248,7 +224,7 @@ def test_decompose_and_gsam_direction_match_the_reference():
 
 @pytest.mark.parametrize("max_norm", [0.01, 100.0], ids=["clips", "keeps"])
 def test_clip_and_wsam_direction_match_the_reference(max_norm):
-    _, g, g_adv = _two_gradients()
+    _, g, g_adv = two_gradients()
     for a, b in zip(clip_by_global_norm(g_adv, max_norm),
                     ref.clip_by_global_norm(as_numpy(g_adv), max_norm)):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-15)
@@ -285,7 +261,7 @@ def _perturbation_as_update(params):
     pytest.param(0.1, True, id="constant"),
 ])
 def test_gsam_rho_schedule_is_clamped_at_zero(rho, nonzero):
-    params, g, _ = _problem()
+    params, g, _ = problem()
     e_fn, identity = _perturbation_as_update(params)
     opt = gsam(identity, rho, alpha=0.0)
     e, state = jax.jit(opt.update, static_argnames="grad_fn")(g, opt.init(params), params,
@@ -302,7 +278,7 @@ def test_gsam_rho_schedule_is_clamped_at_zero(rho, nonzero):
 
 def test_gsam_rho_schedule_reads_the_count():
     """Step t uses ``rho(t)``: two steps of a schedule ``0.1, 0.3`` perturb by those radii."""
-    params, g, _ = _problem()
+    params, g, _ = problem()
     e_fn, identity = _perturbation_as_update(params)
     opt = gsam(identity, lambda count: 0.1 + 0.2 * count, alpha=0.0)
     update = jax.jit(opt.update, static_argnames="grad_fn")
@@ -316,7 +292,7 @@ def test_gsam_rho_schedule_reads_the_count():
 @pytest.mark.parametrize("opt_name", ["gsam", "wsam"])
 def test_zero_gradient_gives_zero_perturbation(opt_name):
     """A zero ``g`` gives ``e = 0`` and finite updates (never a NaN from 0 / 0)."""
-    params, _, _ = _problem()
+    params, _, _ = problem()
     zeros = jax.tree.map(jnp.zeros_like, params)
     calls = []
 
@@ -348,7 +324,7 @@ optimizers = pytest.mark.parametrize("name", list(OPTIMIZERS))
 @optimizers
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
 def test_grad_fn_is_called_once_per_update(name, jit):
-    params, g, grad_fn = _problem()
+    params, g, grad_fn = problem()
     calls = []
 
     def recorder(p):
@@ -364,11 +340,6 @@ def test_grad_fn_is_called_once_per_update(name, jit):
         assert len(calls) == (1 if jit else n)
 
 
-def _poison(tree, value):
-    """``tree`` with ``value`` (NaN or Inf) in one element of its second leaf."""
-    return [v.at[0].set(value) if i == 1 else v for i, v in enumerate(tree)]
-
-
 @optimizers
 @pytest.mark.parametrize("value", [np.nan, np.inf], ids=["nan", "inf"])
 @pytest.mark.parametrize("where", ["centre", "perturbed"])
@@ -382,9 +353,9 @@ def test_non_finite_gradient_skips_the_step(name, where, value):
         g, g_fn = grad_fn(params), grad_fn
         if bad == "centre":
             # a grad_fn that does not propagate the NaN of w + e, so only the check of g can see it
-            g, g_fn = _poison(g, value), lambda _: grad_fn(params)
+            g, g_fn = poison(g, value), lambda _: grad_fn(params)
         elif bad == "perturbed":
-            g_fn = lambda p: _poison(grad_fn(p), value)  # noqa: E731
+            g_fn = lambda p: poison(grad_fn(p), value)  # noqa: E731
         updates, state = opt.update(g, state, params, grad_fn=g_fn)
         return optax.apply_updates(params, updates), state, updates
 
@@ -412,7 +383,7 @@ def test_non_finite_gradient_skips_the_step(name, where, value):
 
 @optimizers
 def test_state_is_a_named_tuple_holding_the_base_state(name):
-    params, _, _ = _problem()
+    params, _, _ = problem()
     state = OPTIMIZERS[name]().init(params)
     assert isinstance(state, GSAMState if name.startswith("gsam") else WSAMState)
     base_state = optax.sgd(0.1, momentum=0.9).init(params)
@@ -423,7 +394,7 @@ def test_state_is_a_named_tuple_holding_the_base_state(name):
 @pytest.mark.parametrize("opt_name", ["gsam", "wsam-decoupled", "wsam-coupled"])
 def test_extra_args_reach_the_base_optimizer(opt_name):
     """A real client of extra args: reduce_on_plateau reads the loss as ``value=``."""
-    params, g, grad_fn = _problem()
+    params, g, grad_fn = problem()
     base = optax.chain(optax.sgd(0.1), optax.contrib.reduce_on_plateau())
     opt = {"gsam": lambda: gsam(base),
            "wsam-decoupled": lambda: wsam(base, 0.1),
@@ -458,7 +429,7 @@ def test_wsam_invalid_hyperparameters_name_the_argument(name, value):
 
 
 def test_wsam_coupled_needs_no_learning_rate():
-    params, g, grad_fn = _problem()
+    params, g, grad_fn = problem()
     opt = wsam(optax.sgd(0.1), None, decouple=False)
     updates, _ = opt.update(g, opt.init(params), params, grad_fn=grad_fn)
     assert all(np.all(np.isfinite(u)) for u in updates)
@@ -467,7 +438,7 @@ def test_wsam_coupled_needs_no_learning_rate():
 @pytest.mark.parametrize("opt_name", ["gsam", "wsam"])
 @pytest.mark.parametrize("missing", ["grad_fn", "params"])
 def test_update_without_grad_fn_or_params_names_it(opt_name, missing):
-    params, g, grad_fn = _problem()
+    params, g, grad_fn = problem()
     opt = gsam(optax.sgd(0.1)) if opt_name == "gsam" else wsam(optax.sgd(0.1), 0.1)
     kwargs = dict(params=params, grad_fn=grad_fn)
     kwargs[missing] = None

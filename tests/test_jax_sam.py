@@ -10,6 +10,13 @@ jax.config.update("jax_enable_x64", True)  # float32 tests below use explicit fl
 import jax.numpy as jnp  # noqa: E402
 
 import parity  # noqa: E402
+from jax_helpers import (  # noqa: E402
+    as_jax,
+    base_sgd,
+    mlp_loss,
+    poison,
+    problem,
+)
 from sam_edu import reference as ref  # noqa: E402
 from sam_edu.jax import (  # noqa: E402
     SAMState,
@@ -19,17 +26,6 @@ from sam_edu.jax import (  # noqa: E402
     sam,
     skip_unless_finite,
 )
-
-
-def mlp_loss(params, x, y):
-    """The parity network: mean softmax cross-entropy of ``tanh(x W1 + b1) W2 + b2``."""
-    w1, b1, w2, b2 = params
-    logits = jnp.tanh(x @ w1 + b1) @ w2 + b2
-    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-
-def as_jax(tree, dtype):
-    return [jnp.asarray(v, dtype) for v in tree]
 
 
 def make_step(opt, jit=True):
@@ -51,10 +47,6 @@ def run(opt, dtype, jit=True):
         params, state = step(params, state, jnp.asarray(x, dtype), jnp.asarray(y))
         out.append([np.asarray(v) for v in params])
     return out
-
-
-def base_sgd(lr, momentum):
-    return optax.sgd(lr, momentum=momentum or None)
 
 
 @parity.case_params
@@ -123,14 +115,6 @@ def test_matches_optax_contrib_sam(momentum):
     parity.assert_trajectories_close(got, want, parity.tolerance("float64"))
 
 
-def _problem(dtype="float64"):
-    """Parameters, the gradient at them, and a ``grad_fn`` for the first parity batch."""
-    params = as_jax(parity.init_params(), dtype)
-    x, y = parity.batches()[0]
-    grad_fn = jax.grad(lambda p: mlp_loss(p, jnp.asarray(x, dtype), jnp.asarray(y)))
-    return params, grad_fn(params), grad_fn
-
-
 def _recording(grad_fn):
     """``grad_fn`` that records every point it is called at (a Python side effect)."""
     calls = []
@@ -153,7 +137,7 @@ FLAGS = [True, False, True, False]  # scale the weight matrices, not the biases
 ])
 def test_asam_mask_matches_the_reference(adaptive):
     rho, eta = 0.5, 0.01
-    params, g, grad_fn = _problem()
+    params, g, grad_fn = problem()
     flags = adaptive if isinstance(adaptive, bool) else FLAGS
     want = ref.perturbation([np.asarray(v) for v in g], parity.init_params(), rho,
                             adaptive=flags, eta=eta)
@@ -170,7 +154,7 @@ def test_asam_mask_matches_the_reference(adaptive):
 
 def test_asam_mask_on_a_dict_of_params():
     """Masks follow the params' own pytree structure (here a dict, as in Flax)."""
-    params, g, _ = _problem()
+    params, g, _ = problem()
     names = ["w1", "b1", "w2", "b2"]
     tree, grads = dict(zip(names, params)), dict(zip(names, g))
     mask = {n: n.startswith("w") for n in names}
@@ -183,7 +167,7 @@ def test_asam_mask_on_a_dict_of_params():
 
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
 def test_grad_fn_is_called_once_per_update(jit):
-    params, g, grad_fn = _problem()
+    params, g, grad_fn = problem()
     recorder, calls = _recording(grad_fn)
     opt = sam(optax.sgd(0.1, momentum=0.9), 0.05)
     update = jax.jit(opt.update, static_argnames="grad_fn") if jit else opt.update
@@ -192,11 +176,6 @@ def test_grad_fn_is_called_once_per_update(jit):
         _, state = update(g, state, params, grad_fn=recorder)
         # under jit the function is traced once and the second call reuses the trace
         assert len(calls) == (1 if jit else n)
-
-
-def _poison(tree, value):
-    """``tree`` with ``value`` (NaN or Inf) in one element of its second leaf."""
-    return [v.at[0].set(value) if i == 1 else v for i, v in enumerate(tree)]
 
 
 @pytest.mark.parametrize("sam_kwargs", [dict(rho=0.05), dict(rho=0.5, adaptive=True)],
@@ -215,9 +194,9 @@ def test_non_finite_gradient_skips_the_step(where, value, sam_kwargs):
         g, g_fn = grad_fn(params), grad_fn
         if bad == "centre":
             # a grad_fn that does not propagate the NaN of w + e, so only the check of g can see it
-            g, g_fn = _poison(g, value), lambda _: grad_fn(params)
+            g, g_fn = poison(g, value), lambda _: grad_fn(params)
         elif bad == "perturbed":
-            g_fn = lambda p: _poison(grad_fn(p), value)  # noqa: E731
+            g_fn = lambda p: poison(grad_fn(p), value)  # noqa: E731
         updates, state = opt.update(g, state, params, grad_fn=g_fn)
         return optax.apply_updates(params, updates), state, updates
 
@@ -245,7 +224,7 @@ def test_non_finite_gradient_skips_the_step(where, value, sam_kwargs):
 @pytest.mark.parametrize("adaptive", [False, True, FLAGS], ids=["sam", "asam", "masked"])
 def test_perturbation_with_a_precomputed_norm_is_the_same(adaptive):
     """``sam`` computes ``||T g||`` once, for its check and for ``e``: the same ``e``."""
-    params, g, _ = _problem()
+    params, g, _ = problem()
     norm = perturbation_norm(g, params, adaptive, 0.01)
     t_g = [np.asarray(v) * (np.abs(np.asarray(w)) + 0.01 if a else 1.0)
            for v, w, a in zip(g, params, FLAGS if adaptive is FLAGS else [adaptive] * 4)]
@@ -282,7 +261,7 @@ def _perturbation_as_update(params):
     dict(rho=0.5, adaptive=FLAGS, eta=0.0),
 ], ids=["sam", "asam", "masked"])
 def test_zero_gradient_gives_zero_perturbation(sam_kwargs, jit):
-    params, _, _ = _problem()
+    params, _, _ = problem()
     zeros = jax.tree.map(jnp.zeros_like, params)
     e_fn, identity = _perturbation_as_update(params)
     opt = sam(identity, **sam_kwargs)
@@ -295,7 +274,7 @@ def test_zero_gradient_gives_zero_perturbation(sam_kwargs, jit):
 
 def test_perturbation_as_update_sees_a_nonzero_perturbation():
     """The observation trick of the zero-gradient test can tell a non-zero ``e`` from zero."""
-    params, g, _ = _problem()
+    params, g, _ = problem()
     e_fn, identity = _perturbation_as_update(params)
     opt = sam(identity, 0.05)
     e, _ = jax.jit(opt.update, static_argnames="grad_fn")(g, opt.init(params), params,
@@ -306,7 +285,7 @@ def test_perturbation_as_update_sees_a_nonzero_perturbation():
 
 
 def test_state_is_a_named_tuple_holding_the_base_state():
-    params, _, _ = _problem()
+    params, _, _ = problem()
     base = optax.sgd(0.1, momentum=0.9)
     state = sam(base, 0.05).init(params)
     assert isinstance(state, SAMState) and isinstance(state, tuple)
@@ -316,7 +295,7 @@ def test_state_is_a_named_tuple_holding_the_base_state():
 
 def test_extra_args_reach_the_base_optimizer():
     """A real client of extra args: reduce_on_plateau reads the loss as ``value=``."""
-    params, g, grad_fn = _problem()
+    params, g, grad_fn = problem()
     opt = sam(optax.chain(optax.sgd(0.1), optax.contrib.reduce_on_plateau()), 0.05)
 
     @jax.jit
@@ -328,7 +307,7 @@ def test_extra_args_reach_the_base_optimizer():
 
 
 def test_base_without_extra_args_ignores_them():
-    params, g, grad_fn = _problem()
+    params, g, grad_fn = problem()
     opt = sam(optax.sgd(0.1), 0.05)
     plain, _ = opt.update(g, opt.init(params), params, grad_fn=grad_fn)
     extra, _ = opt.update(g, opt.init(params), params, grad_fn=grad_fn, value=1.0)
@@ -346,7 +325,7 @@ def test_invalid_hyperparameters_name_the_argument(name, value):
 
 @pytest.mark.parametrize("missing", ["grad_fn", "params"])
 def test_update_without_grad_fn_or_params_names_it(missing):
-    params, g, grad_fn = _problem()
+    params, g, grad_fn = problem()
     opt = sam(optax.sgd(0.1))
     kwargs = dict(params=params, grad_fn=grad_fn)
     kwargs[missing] = None
@@ -355,7 +334,7 @@ def test_update_without_grad_fn_or_params_names_it(missing):
 
 
 def test_adaptive_mask_must_match_the_params():
-    params, g, grad_fn = _problem()
+    params, g, grad_fn = problem()
     opt = sam(optax.sgd(0.1), 0.5, adaptive=[True, False])
     with pytest.raises(ValueError, match="adaptive"):
         opt.update(g, opt.init(params), params, grad_fn=grad_fn)
