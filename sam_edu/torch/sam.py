@@ -133,9 +133,9 @@ def swap_possible(params: Params) -> bool:
 
     Only plain dense tensors that own their memory (each the whole of its storage, so not a
     view into a larger one such as FSDP's flattened parameters; no tensor subclasses; on the
-    CPU, none shared between processes), large enough
-    on average (more than ``SMALL`` elements) that moving a pointer costs less than copying the
-    tensor, and no CUDA graph being captured (a captured graph keeps the old pointers).
+    CPU, none shared between processes), large enough on average (more than ``SMALL``
+    elements) that moving a pointer costs less than copying the tensor, and no CUDA graph being
+    captured (a captured graph keeps the old pointers).
     """
     def owns_memory(p: torch.Tensor) -> bool:
         w = p.data
