@@ -16,6 +16,7 @@ import parity  # noqa: E402
 from torch_helpers import (  # noqa: E402
     DTYPES,
     assert_bit_identical,
+    explicit_step,
     leaves,
     mlp_loss,
     numpy,
@@ -566,13 +567,6 @@ def looksam_explicit_step(optimizer, params, x, y):
         optimizer.second_step(zero_grad=True)  # (4), (5)
 
 
-def sam_explicit_step(optimizer, params, x, y):
-    mlp_loss(params, x, y).backward()  # (1)
-    optimizer.first_step(zero_grad=True)  # (2)
-    mlp_loss(params, x, y).backward()  # (3)
-    optimizer.second_step(zero_grad=True)  # (4), (5)
-
-
 def looksam_closure_step(optimizer, params, x, y):
     optimizer.step(closure_for(optimizer, params, x, y))
 
@@ -633,7 +627,7 @@ def test_looksam_with_k_one_is_sam(adaptive, rho, momentum):
     ours, sam = leaves(parity.init_params()), leaves(parity.init_params())
     kwargs = dict(rho=rho, adaptive=adaptive, lr=0.1, momentum=momentum)
     got = looksam_run(LookSAM(ours, k=1, **kwargs), ours, batches=torch_batches() * 2)
-    want = looksam_run(SAM(sam, **kwargs), sam, sam_explicit_step, batches=torch_batches() * 2)
+    want = looksam_run(SAM(sam, **kwargs), sam, explicit_step, batches=torch_batches() * 2)
     parity.assert_trajectories_close(got, want, 0.0)
 
 
@@ -643,7 +637,7 @@ def test_looksam_per_group_rho_acts_on_the_sam_steps():
     got = looksam_run(LookSAM([{"params": ours[:2], "rho": 0.3}, {"params": ours[2:]}], k=1,
                               rho=0.05, lr=0.1), ours)
     want = looksam_run(SAM([{"params": sam[:2], "rho": 0.3}, {"params": sam[2:]}], rho=0.05,
-                           lr=0.1), sam, sam_explicit_step)
+                           lr=0.1), sam, explicit_step)
     parity.assert_trajectories_close(got, want, 0.0)
 
 

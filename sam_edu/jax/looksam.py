@@ -72,14 +72,17 @@ def projection_coefficient(g_adv: Params, grads: Params,
     return along / norm / norm
 
 
-def orthogonal_component(g_adv: Params, grads: Params, perturb_eps: float = 1e-12) -> Params:
+def orthogonal_component(g_adv: Params, grads: Params, perturb_eps: float = 1e-12,
+                         c: jax.Array | None = None) -> Params:
     """``g_v = g_adv - (g_adv . g_hat) g_hat`` with ``g_hat = g / (||g|| + eps)``.
 
-    Computed as ``g_v = g_adv - c g`` with the number ``c`` of :func:`projection_coefficient`,
-    so that no ``g_hat`` is written out to memory.
+    Computed as ``g_v = g_adv - c g`` with the number ``c`` of :func:`projection_coefficient`
+    (passed in when the caller has it already), so that no ``g_hat`` is written out to memory.
+    Each leaf keeps ``g_adv``'s dtype.
     """
-    c = projection_coefficient(g_adv, grads, perturb_eps)
-    return jax.tree.map(lambda a, g: a - c * g, g_adv, grads)
+    if c is None:
+        c = projection_coefficient(g_adv, grads, perturb_eps)
+    return jax.tree.map(lambda a, g: (a - c * g).astype(a.dtype), g_adv, grads)
 
 
 def looksam_direction(grads: Params, g_v: Params, alpha: float = 0.7,
@@ -269,8 +272,8 @@ def looksam(
         # (5) base step at w with d; a non-finite g or g_adv skips the step instead
         updates, base_state = base.update(d, state.base_state, params, **extra_args)
         updates, base_state = skip_unless_finite(finite, updates, base_state, state.base_state)
-        # a finite SAM step keeps g_v = g_adv - c g (orthogonal_component, with the branch's c)
-        g_v = jax.tree.map(lambda a, g_p: (a - c * g_p).astype(a.dtype), d, g)
+        # a finite SAM step keeps g_v = g_adv - c g, with the branch's c
+        g_v = orthogonal_component(d, g, perturb_eps, c)
         return updates, LookSAMState(
             base_state=base_state,
             count=jnp.where(finite, optax.safe_increment(state.count), state.count),

@@ -137,8 +137,10 @@ def perturbation(grads: Params, params: Params, rho: float | Sequence[float] = 0
     e = []
     for r, w, eta_i, a, g in zip(rhos, params, etas, flags, grads):
         scale = r / (norm + perturb_eps)
-        tw = tf.abs(w) + eta_i if a else None
-        e.append(scale * tw * tw * g if a else scale * g)
+        if a:
+            tw = tf.abs(w) + eta_i
+            scale = scale * tw * tw
+        e.append(scale * g)
     return e
 
 

@@ -61,7 +61,7 @@ import torch
 
 from sam_edu.reference.bsam import check_bsam_arguments
 from sam_edu.torch.sam import (Buffers, check_foreach, choose_foreach, choose_swap, global_norm,
-                               global_norm_foreach)
+                               global_norm_foreach, point_at)
 
 Params = list[torch.Tensor]
 
@@ -244,8 +244,7 @@ class BSAM(torch.optim.Optimizer):
                 self._saved_w = {p: p.data for p in params}
                 for p, b, n, r in zip(params, buffers, noise, root_s):
                     torch.addcdiv(p, n, r, value=self.num_data ** -0.5, out=b)
-                for p, b in zip(params, buffers):
-                    p.data = b
+                point_at(params, buffers)
                 return
             torch._foreach_copy_(buffers, params)  # copied out, then moved in place
             self._saved_w = dict(zip(params, buffers))
@@ -260,8 +259,7 @@ class BSAM(torch.optim.Optimizer):
         it back (swapped) or copying, and forget the step, so that the next ``noisy_step()``
         starts afresh."""
         if self.swap_used:
-            for p, w in self._saved_w.items():
-                p.data = w
+            point_at(list(self._saved_w), list(self._saved_w.values()))
         elif self.foreach_used:
             torch._foreach_copy_(list(self._saved_w), list(self._saved_w.values()))
         else:
@@ -332,9 +330,8 @@ class BSAM(torch.optim.Optimizer):
             for p in params:
                 torch.addcdiv(self._saved_w[p], g[p], self.state[p]["precision"],
                               value=group["rho"], out=p.data)
-        for p, w in self._saved_w.items():
-            if p not in g:
-                p.data = w
+        without_g = [p for p in self._saved_w if p not in g]
+        point_at(without_g, [self._saved_w[p] for p in without_g])
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> None:

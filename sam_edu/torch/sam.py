@@ -162,6 +162,14 @@ def choose_swap(swap: bool | None, params: Params) -> bool:
     return possible
 
 
+def point_at(params: Params, tensors: Params) -> None:
+    """Swapping's one move: each parameter points at the memory of its tensor (``p.data = t``);
+    the parameter objects, their gradients and the optimizer state keyed by them stay as they
+    are."""
+    for p, t in zip(params, tensors):
+        p.data = t
+
+
 class Buffers:
     """One tensor like each of a list of parameters, kept from step to step: the fast path copies
     ``w`` (and ``g``) into these instead of allocating new tensors at every step."""
@@ -382,8 +390,7 @@ class SAM(torch.optim.Optimizer):
         for ps, vs, step in moves:
             for p, v in zip(ps, vs):
                 torch.add(p, v, alpha=step, out=next(moved))
-        for p, w_e in zip(params, buffers):
-            p.data = w_e
+        point_at(params, buffers)
 
     def _ascend_foreach(self, groups: list[tuple[dict, Params, Params]], params: Params,
                         g: Params) -> None:
@@ -461,9 +468,8 @@ class SAM(torch.optim.Optimizer):
     def _restore_w(self) -> None:
         """Step (4): restore ``w`` exactly, pointing the parameters back at it (swapped) or
         copying the saved tensors back (subtracting ``e`` would not be exact)."""
-        if self.foreach_used and self.swap_used:
-            for p, w in zip(self._perturbed, self._saved_w):
-                p.data = w
+        if self.swap_used:
+            point_at(self._perturbed, self._saved_w)
         elif self.foreach_used:
             torch._foreach_copy_(self._perturbed, self._saved_w)  # the buffers are kept
         else:
