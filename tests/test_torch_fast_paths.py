@@ -6,6 +6,8 @@ on a model with two parameter groups and a frozen tensor, and compares weights a
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -315,3 +317,72 @@ def test_bsam_swap_arguments_are_checked():
         BSAM([p], num_data=10, swap=1)
     with pytest.raises(ValueError, match="swap=True needs the fast path"):
         BSAM([p], num_data=10, swap=True, foreach=False)
+
+
+def _looksam_steps(optimizer, params, frozen, x, steps, without_grad=None):
+    """``steps`` closure steps; ``without_grad`` (an index) leaves that parameter's gradient None."""
+    def closure():
+        optimizer.zero_grad(set_to_none=True)
+        loss_fn(params, frozen, x).backward()
+        if without_grad is not None:
+            params[without_grad].grad = None
+        return 0.0
+    for _ in range(steps):
+        optimizer.step(closure)
+
+
+def test_looksam_cheap_steps_reuse_the_sam_steps_norm_of_g_v(monkeypatch):
+    """On the fast path ``||g_v||`` is computed once, on the SAM step, not on each cheap step."""
+    import sam_edu.torch.looksam as looksam_module
+    params, frozen = make_params(torch.float64)
+    optimizer = CASES["looksam_k3"]([{"params": params}], True)
+    x = torch.randn(8, 5, dtype=torch.float64)
+    _looksam_steps(optimizer, params, frozen, x, 1)  # t = 0, a SAM step: g_v and its norm
+    norms_of = []
+    real = looksam_module.global_norm_foreach
+
+    def counting(tree):
+        norms_of.append(len(tree))
+        return real(tree)
+    monkeypatch.setattr(looksam_module, "global_norm_foreach", counting)
+    _looksam_steps(optimizer, params, frozen, x, 2)  # t = 1, 2: cheap steps
+    assert norms_of == [4, 4]  # ||g|| of each cheap step only; ||g_v|| is not read again
+    assert optimizer.steps_taken == 3
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_looksam_cheap_step_without_a_gradient_takes_the_norm_of_the_g_v_it_uses(dtype):
+    """A parameter with ``g_v`` but no gradient on a cheap step leaves ``||g_v||`` over the
+    others, as on the readable path: the SAM step's norm, over all of them, is not reused."""
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
+    x = torch.randn(8, 5, dtype=dtype, generator=torch.Generator().manual_seed(1))
+    finals = []
+    for foreach in (False, True):
+        params, frozen = make_params(dtype)
+        optimizer = CASES["looksam_k3"]([{"params": params}], foreach)
+        _looksam_steps(optimizer, params, frozen, x, 1)
+        _looksam_steps(optimizer, params, frozen, x, 2, without_grad=1)
+        assert optimizer.foreach_used is foreach
+        finals.append(params)
+    for a, b in zip(*finals):
+        torch.testing.assert_close(b, a, **tol)
+
+
+def test_looksam_resumed_on_the_fast_path_continues_bit_for_bit():
+    """An optimizer loaded between a SAM step and its cheap steps computes ``||g_v||`` from the
+    loaded ``g_v``, not its own earlier one, and takes exactly the original's steps."""
+    x = torch.randn(8, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    params, frozen = make_params(torch.float64)
+    optimizer = CASES["looksam_k3"]([{"params": params}], True)
+    _looksam_steps(optimizer, params, frozen, x, 1)
+    twin = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    clone = CASES["looksam_k3"]([{"params": twin}], True)
+    _looksam_steps(clone, twin, frozen, 2 * x, 1)  # a SAM step of its own: another g_v
+    clone.load_state_dict(copy.deepcopy(optimizer.state_dict()))  # as torch.save/torch.load
+    with torch.no_grad():
+        for p, w in zip(twin, params):
+            p.copy_(w)
+    _looksam_steps(optimizer, params, frozen, x, 3)
+    _looksam_steps(clone, twin, frozen, x, 3)
+    for a, b in zip(params, twin):
+        assert torch.equal(a, b)

@@ -114,6 +114,9 @@ class LookSAM(SAM):
         self.steps_taken = 0
         # g, saved in (1) of a SAM step for g_v. Not in self.state, for the reason SAM keeps w out.
         self._g: Params | None = None
+        # ||g_v|| and how many tensors it covers, computed once on the fast path's SAM step for the
+        # k - 1 cheap steps that reuse g_v (None: not known, computed when needed)
+        self._g_v_norm: tuple[torch.Tensor, int] | None = None
 
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> bool:
@@ -161,7 +164,9 @@ class LookSAM(SAM):
         ``g += alpha (||g|| / (||g_v|| + eps)) g_v``; a parameter without ``g_v`` adds nothing."""
         with_g_v = [(p.grad, self.state[p]["g_v"]) for p in params if "g_v" in self.state[p]]
         norms = [global_norm_foreach(g)]
-        if with_g_v:
+        if self._g_v_norm is not None and self._g_v_norm[1] == len(with_g_v):
+            norms.append(self._g_v_norm[0])  # every stored g_v is used: the SAM step's norm
+        elif with_g_v:
             norms.append(global_norm_foreach([v for _, v in with_g_v]))
         g_norm, *g_v_norm = torch.stack(norms).tolist()  # the step's one synchronisation
         if not math.isfinite(g_norm):
@@ -188,8 +193,11 @@ class LookSAM(SAM):
                                for a, b in zip(g_adv, g)]).sum()
             torch._foreach_mul_(g, dot / (global_norm_foreach(g) + self.perturb_eps) ** 2)
             g_v = torch._foreach_sub(g_adv, g)  # g (the buffer) now holds c g
+            # ||g_v|| once here instead of on each of the k - 1 cheap steps (one read of g_v each)
+            self._g_v_norm = (global_norm_foreach(g_v), len(g_v))
         else:
             g_v = orthogonal_component(g_adv, g, self.perturb_eps)
+            self._g_v_norm = None
         # (5) base step at w with d = g_adv, which p.grad holds
         self.base_optimizer.step()
         # g_v for the next k - 1 steps, stored after the base step: Adam initialises its moments
@@ -230,3 +238,4 @@ class LookSAM(SAM):
         """Load the base optimizer's state (with ``g_v``) and groups, and the step count."""
         super().load_state_dict(state_dict)
         self.steps_taken = state_dict["looksam_steps_taken"]
+        self._g_v_norm = None  # the loaded g_v's norm is computed on the next cheap step
