@@ -19,6 +19,11 @@ from typing import Callable
 
 import numpy as np
 
+try:
+    import resource  # Unix: page faults and system time of this process
+except ImportError:  # Windows
+    resource = None
+
 ROLES = ("base", "floor", "ours", "peer")
 
 
@@ -37,8 +42,11 @@ class Runner:
     mode: str = "eager"  # eager | jit | tf.function | tf.function+xla
     passes_per_step: float | None = None  # forward/backward passes per step, by design
     count_passes: Callable[[], int] | None = None  # passes so far, where they can be counted
+    temp_bytes: Callable[[], int] | None = None  # scratch memory of a compiled step (JAX)
     note: str = ""
     times: list = field(default_factory=list)
+    faults: list = field(default_factory=list)  # minor page faults per step, per timed block
+    system: list = field(default_factory=list)  # system (kernel) CPU seconds per step, per block
     weights_changed: bool | None = None
     passes_measured: float | None = None
 
@@ -107,11 +115,16 @@ def time_runners(runners: list[Runner], repeats: int, steps: int, warmup: int,
         for i in range(len(runners)):
             run = runners[(i + r) % len(runners)]  # rotate the order from repeat to repeat
             run.sync()
+            usage = resource.getrusage(resource.RUSAGE_SELF) if resource else None
             start = time.perf_counter()
             for _ in range(steps):
                 run.step()
             run.sync()
             run.times.append((time.perf_counter() - start) / steps)
+            if usage:
+                after = resource.getrusage(resource.RUSAGE_SELF)
+                run.faults.append((after.ru_minflt - usage.ru_minflt) / steps)
+                run.system.append((after.ru_stime - usage.ru_stime) / steps)
     for run in runners:
         if run.count_passes:
             run.passes_measured = ((run.count_passes() - counts_at_start[run.name])
@@ -150,6 +163,9 @@ def summarize(runners: list[Runner]) -> list[dict]:
                                   if floor else None),
             step_ms_per_repeat=times_ms,
             ratio_per_repeat=ratio,
+            minor_faults_per_step=statistics.median(run.faults) if run.faults else None,
+            system_ms_per_step=1e3 * statistics.median(run.system) if run.system else None,
+            temp_bytes=run.temp_bytes() if run.temp_bytes else None,
             note=run.note,
         ))
     return rows

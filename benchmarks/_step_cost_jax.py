@@ -136,11 +136,17 @@ def build(case: str, sizes: dict, hp: dict, peer_foreach: bool, seed: int) -> tu
             state["params"], state["opt"], *state["out"] = jitted(state["params"], state["opt"],
                                                                  data)
 
+        def temp_bytes():
+            """XLA's scratch memory for one step: buffers beyond the inputs and outputs."""
+            compiled = jitted.lower(state["params"], state["opt"], data).compile()
+            return compiled.memory_analysis().temp_size_in_bytes
+
         runners.append(Runner(
             name=name, role=role, implementation=implementation, step=step,
             weights=lambda: [np.array(a) for a in jax.tree.leaves(state["params"])],
             sync=lambda: jax.block_until_ready((state["params"], state["opt"])),
-            floor=floor, peer=peer, mode="jit", passes_per_step=passes, note=note))
+            floor=floor, peer=peer, mode="jit", passes_per_step=passes, temp_bytes=temp_bytes,
+            note=note))
 
     def base_fn(params, s, data):
         u, s = sgd.update(first_grad(params, data), s, params)

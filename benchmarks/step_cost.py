@@ -73,6 +73,12 @@ round); ``floor_ratio`` likewise for its floor; ``overhead_above_floor`` = media
 medians in the same run and printed as ``pass``/``FAIL``. TensorFlow's target divides SAM's step
 by the faster of ``SGD`` (XLA) and ``SGD (graph)``, whichever XLA helps.
 
+Each row also records where time can go besides arithmetic: the process's minor page faults and
+kernel CPU time per step, measured around the same timed blocks, and for JAX the scratch memory
+of the compiled step. On Linux, glibc's ``malloc`` serves a block of more than 32 MiB with a
+fresh ``mmap`` (its largest adaptive threshold) and returns it at ``free``, so a jitted step
+whose scratch memory is one such block faults every page of it in again at every step.
+
 JSON schema (``schema_version`` 1), written to ``--out`` (default
 ``book/results/step_cost_cpu.json``)::
 
@@ -96,7 +102,12 @@ JSON schema (``schema_version`` 1), written to ``--out`` (default
                                   or null), passes_measured (counted forward calls per timed
                                   step, PyTorch; else null), weights_changed, step_ms_median,
                                   ratio_to_base, floor_ratio, overhead_above_floor,
-                                  step_ms_per_repeat: [..], ratio_per_repeat: [..], note}}
+                                  step_ms_per_repeat: [..], ratio_per_repeat: [..],
+                                  minor_faults_per_step, system_ms_per_step (medians over
+                                  rounds of the process's minor page faults and kernel CPU time
+                                  per step; null without the resource module), temp_bytes
+                                  (XLA's scratch memory per step, JAX's jitted rows; else null),
+                                  note}}
     targets: list of {framework, case, id, description, value, limit, passed, text}
 
 Row names are stable: ``SGD``, ``floor``, ``floor bSAM``, ``SAM``, ``ASAM``, ``GSAM``, ``WSAM``,
@@ -360,7 +371,7 @@ def print_tables(record) -> None:
         print(f"\n== {run['framework']} / {run['case']}: {run['parameters']:,} parameters in "
               f"{run['tensors']} tensors, {run['duration_s']} s ==")
         print(f"{'optimizer':32s} {'mode':16s} {'ms/step':>9s} {'ratio':>7s} {'floor':>7s} "
-              f"{'overhead':>9s} {'passes':>7s}")
+              f"{'overhead':>9s} {'passes':>7s} {'faults':>7s} {'temp MB':>8s}")
         for row in run["rows"]:
             floor = "" if row["floor_ratio"] is None else f"{row['floor_ratio']:.3f}"
             over = ("" if row["overhead_above_floor"] is None
@@ -368,8 +379,12 @@ def print_tables(record) -> None:
             passes = row["passes_measured"] if row["passes_measured"] is not None else \
                 row["passes_per_step"]
             passes = "" if passes is None else f"{passes:.2f}"
+            faults = ("" if row["minor_faults_per_step"] is None
+                      else f"{row['minor_faults_per_step']:.0f}")
+            temp = "" if row["temp_bytes"] is None else f"{row['temp_bytes'] / 2**20:.1f}"
             print(f"{row['name']:32s} {row['mode']:16s} {row['step_ms_median']:9.3f} "
-                  f"{row['ratio_to_base']:7.3f} {floor:>7s} {over:>9s} {passes:>7s}")
+                  f"{row['ratio_to_base']:7.3f} {floor:>7s} {over:>9s} {passes:>7s} "
+                  f"{faults:>7s} {temp:>8s}")
     if record["targets"]:
         print("\n== targets (issue 8) ==")
         for t in record["targets"]:

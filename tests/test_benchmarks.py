@@ -138,6 +138,12 @@ def test_step_cost_records_machine_versions_settings_and_every_row(step_cost_rec
                 assert ref is None or ref in by_name, (row["name"], ref)
             if row["floor"]:
                 assert row["floor_ratio"] > 0 and row["overhead_above_floor"] is not None
+            # where time can go besides arithmetic: page faults and kernel time (Linux here)
+            assert row["minor_faults_per_step"] >= 0 and row["system_ms_per_step"] >= 0
+            if framework == "jax" and row["name"] != "floor LookSAM k=5":  # one jitted step
+                assert isinstance(row["temp_bytes"], int) and row["temp_bytes"] >= 0
+            else:
+                assert row["temp_bytes"] is None
         if framework == "torch" and run["case"] != "tensors":
             # the forward passes were counted: LookSAM k=5 runs 1 + 1/5 of them, the peer 2
             assert by_name["LookSAM k=5"]["passes_measured"] == pytest.approx(1.2)
