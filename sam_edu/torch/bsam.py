@@ -145,10 +145,7 @@ class BSAM(torch.optim.Optimizer):
         foreach: bool | None = None,
         swap: bool | None = None,
     ) -> None:
-        check_foreach(foreach)
-        check_foreach(swap, "swap")
-        if swap and foreach is False:
-            raise ValueError("swap=True needs the fast path; it cannot go with foreach=False")
+        check_foreach(foreach, swap)
         check_bsam_arguments(num_data, lr, beta1, beta2, weight_decay, rho, damping, s_init)
         if not (seed is None or (isinstance(seed, numbers.Integral)
                                  and not isinstance(seed, bool))):

@@ -194,7 +194,7 @@ class LookSAM(SAM):
             torch._foreach_mul_(g, dot / (global_norm_foreach(g) + self.perturb_eps) ** 2)
             g_v = torch._foreach_sub(g_adv, g)  # g (the buffer) now holds c g
             # ||g_v|| once here instead of on each of the k - 1 cheap steps (one read of g_v each)
-            self._g_v_norm = (global_norm_foreach(g_v), len(g_v))
+            self._g_v_norm = (global_norm_foreach(g_v), len(g_v)) if self.k > 1 else None
         else:
             g_v = orthogonal_component(g_adv, g, self.perturb_eps)
             self._g_v_norm = None

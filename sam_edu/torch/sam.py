@@ -111,10 +111,14 @@ def foreach_possible(params: Params, grads: Params) -> bool:
             and not any(g.is_sparse for g in grads))
 
 
-def check_foreach(foreach: bool | None, name: str = "foreach") -> None:
-    """``foreach`` (or ``swap``) is ``None`` (choose), ``True`` or ``False``."""
-    if not (foreach is None or isinstance(foreach, bool)):
-        raise ValueError(f"{name} must be None, True or False, got {foreach!r}")
+def check_foreach(foreach: bool | None, swap: bool | None = None) -> None:
+    """``foreach`` and ``swap`` are each ``None`` (choose), ``True`` or ``False``, and
+    ``swap=True`` (a way of the fast path) does not go with ``foreach=False``."""
+    for name, value in (("foreach", foreach), ("swap", swap)):
+        if not (value is None or isinstance(value, bool)):
+            raise ValueError(f"{name} must be None, True or False, got {value!r}")
+    if swap and foreach is False:
+        raise ValueError("swap=True needs the fast path; it cannot go with foreach=False")
 
 
 def choose_foreach(foreach: bool | None, params: Params, grads: Params) -> bool:
@@ -257,10 +261,7 @@ class SAM(torch.optim.Optimizer):
         swap: bool | None = None,
         **base_kwargs,
     ) -> None:
-        check_foreach(foreach)
-        check_foreach(swap, "swap")
-        if swap and foreach is False:
-            raise ValueError("swap=True needs the fast path; it cannot go with foreach=False")
+        check_foreach(foreach, swap)
         if not (isinstance(base_optimizer, type)
                 and issubclass(base_optimizer, torch.optim.Optimizer)):
             raise ValueError(
