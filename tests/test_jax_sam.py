@@ -279,10 +279,11 @@ def test_base_step_is_outside_the_state_selection():
     assert all(len(branch.jaxpr.eqns) == 0 for branch in conds[0].params["branches"])
 
 
-def test_jitted_step_with_donated_state_does_not_copy_it():
-    """XLA:CPU writes the new momentum over the donated old one without copying the old first.
+def test_jitted_step_does_not_copy_the_donated_state_first():
+    """XLA:CPU does not copy the old momentum before the step it will overwrite.
 
-    Selected with ``jnp.where``, the state was copied (21 MB per step on the benchmark's MLP).
+    Selected with ``jnp.where``, the state was copied first (21 MB per step on the benchmark's
+    MLP); now the only copy is the taken branch's, of the new state into place.
     """
     step, args = _momentum_sam_step(64)
     hlo = jax.jit(step, donate_argnums=(0, 1)).lower(*args).compile().as_text()

@@ -143,12 +143,14 @@ def skip_unless_finite(finite: jax.Array, updates: Params, new_state: Any,
                        old_state: Any) -> tuple[Params, Any]:
     """The base step's ``(updates, state)`` if ``finite``, else zero updates and the old state.
 
-    The updates are selected with :func:`keep_finite`. The state is selected with
-    ``jax.lax.cond``: with ``jnp.where``, XLA fuses the base step into both the state's select
-    and the caller's ``apply_updates``, both then read the old state while the new one is
-    written over it (the state is donated), and XLA copies the whole old state first. The
-    ``cond`` reads the new state once, as a whole, and that copy is gone (the benchmark's JAX
-    MLP, XLA:CPU).
+    The updates are selected with :func:`keep_finite`, the state with a ``jax.lax.cond`` whose
+    branches only hand back one set of buffers or the other. With ``jnp.where`` for the state
+    too, XLA fused the base step into two loops, the caller's ``apply_updates`` and the state's
+    select, both reading the old state and ``g_adv``; as the new state overwrites the donated
+    old one, XLA copied the old state first. With the ``cond`` the base step runs once, into
+    scratch memory, and the branch taken copies its result into place: on the benchmark's JAX
+    MLP (XLA:CPU) one read of ``g_adv`` less, 8 MiB less scratch and about 0.06 of an SGD step
+    less per SAM step.
     """
     zeros = jax.tree.map(jnp.zeros_like, updates)
     state = jax.lax.cond(finite, lambda: new_state, lambda: old_state)
