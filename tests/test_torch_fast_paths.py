@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from sam_edu.torch import BSAM, GSAM, SAM, WSAM, LookSAM
-from sam_edu.torch.sam import SMALL
+from sam_edu.torch.sam import SMALL, all_finite, all_finite_foreach
 
 STEPS = 4
 
@@ -131,6 +131,42 @@ def test_fast_path_non_finite_gradient_raises_and_restores_w(make, where):
     raise_non_finite(optimizer, params, where)
     for p, w in zip(params, before):
         assert torch.equal(p.detach(), w)
+
+
+BITS = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32,
+        torch.float64: torch.int64}
+
+
+@pytest.mark.parametrize("dtype", list(BITS))
+@pytest.mark.parametrize("bad", [None, float("nan"), float("inf"), -float("inf")])
+def test_all_finite_foreach_agrees_with_the_loop_and_leaves_every_bit(dtype, bad):
+    """GradScaler's one-kernel check, with a scale of 1: the loop's verdict, values untouched
+    (-0, a subnormal, the largest finite number, whose square overflows)."""
+    finfo = torch.finfo(dtype)
+    tree = [torch.tensor([1.0, -0.0, finfo.tiny / 4, finfo.max], dtype=dtype),
+            torch.tensor([[2.0, -3.0]], dtype=dtype)]
+    if bad is not None:
+        tree[1][0, 1] = bad
+    before = [t.clone() for t in tree]
+    assert all_finite_foreach(tree) is all_finite(tree) is (bad is None)
+    for t, b in zip(tree, before):
+        assert torch.equal(t.view(BITS[dtype]), b.view(BITS[dtype]))
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_sam_takes_a_finite_g_adv_whose_squared_norm_overflows(foreach):
+    """Only a NaN or an Inf stops the step: ``||g_adv||^2`` overflowing float32 does not."""
+    params, _ = make_params(torch.float32)
+    optimizer = SAM(params, torch.optim.SGD, rho=0.1, lr=1e-20, foreach=foreach)
+    before = [p.detach().clone() for p in params]
+    for p in params:
+        p.grad = torch.ones_like(p)
+    optimizer.first_step()
+    for p in params:
+        p.grad = torch.full_like(p, 1e20)
+    optimizer.second_step()
+    for p, w in zip(params, before):
+        torch.testing.assert_close(p.detach(), w - 1.0)
 
 
 def raise_non_finite(optimizer, params, where):

@@ -60,8 +60,8 @@ from collections.abc import Callable, Collection, Iterator, Sequence
 import torch
 
 from sam_edu.reference.bsam import check_bsam_arguments
-from sam_edu.torch.sam import (Buffers, check_foreach, choose_foreach, choose_swap, global_norm,
-                               global_norm_foreach, point_at)
+from sam_edu.torch.sam import (Buffers, all_finite, all_finite_foreach, check_foreach,
+                               choose_foreach, choose_swap, point_at)
 
 Params = list[torch.Tensor]
 
@@ -280,8 +280,7 @@ class BSAM(torch.optim.Optimizer):
             raise RuntimeError("first_step(): no parameter has a gradient; call loss.backward() "
                                "at the noisy point first (w was restored)")
         grads = [p.grad for p in with_grad]
-        norm = global_norm_foreach(grads) if self.foreach_used else global_norm(grads)
-        if not torch.isfinite(norm):
+        if not (all_finite_foreach if self.foreach_used else all_finite)(grads):
             self._end_step()
             raise FloatingPointError("non-finite gradient at the noisy point; "
                                      "w was restored and not updated")
@@ -344,8 +343,7 @@ class BSAM(torch.optim.Optimizer):
         if any(g_p is None for g_p in g_adv.values()):
             raise RuntimeError("second_step(): no gradient at w + e for a parameter that had one "
                                "at the noisy point; w was restored and not updated")
-        norm = (global_norm_foreach if self.foreach_used else global_norm)(list(g_adv.values()))
-        if not torch.isfinite(norm):
+        if not (all_finite_foreach if self.foreach_used else all_finite)(list(g_adv.values())):
             raise FloatingPointError("non-finite gradient at w + e; w was restored and not updated")
         # (5) bSAM's own step: momentum, mean (with the old s), then precision
         for group, params in self._by_group(g):

@@ -183,7 +183,7 @@ class GSAM(SAM):
         g, self._g = self._g, None
         # (3) gradient at the perturbed point and (4) restore w, as in SAM
         foreach = self.foreach_used
-        params, g_adv, g_adv_norm = self._restore_w_for_every_perturbed_tensor()
+        params, g_adv, g_adv_norm = self._restore_w_for_every_perturbed_tensor(with_norm=True)
         # (5) base step at w with d = g_adv - alpha * g_perp, written where the base reads it
         if foreach:
             # the same d on the fast path: g_perp = g - c g_adv with c = (g . g_adv) / ||g_adv||^2

@@ -101,6 +101,22 @@ def global_norm_foreach(tree: Params) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tree)))
 
 
+def all_finite(tree: Params) -> bool:
+    """Whether every element of every tensor is finite (no NaN, no Inf)."""
+    return all(bool(torch.isfinite(v).all()) for v in tree)
+
+
+def all_finite_foreach(tree: Params) -> bool:
+    """The same check, fast path: one kernel for all the tensors, the one
+    ``torch.amp.GradScaler`` runs before a step. Its unscaling multiplies by ``1``, which
+    leaves every value as it was; unlike a norm, a finite tensor whose squares overflow passes.
+    """
+    found_inf = torch.zeros(1, device=tree[0].device)
+    torch._amp_foreach_non_finite_check_and_unscale_(tree, found_inf,
+                                                     torch.ones(1, device=tree[0].device))
+    return not found_inf.item()
+
+
 def foreach_possible(params: Params, grads: Params) -> bool:
     """Whether ``torch._foreach_*`` can take these tensors in one call: parameters on one device
     and of one floating-point dtype, dense gradients (autograd gives a gradient its parameter's
@@ -447,12 +463,13 @@ class SAM(torch.optim.Optimizer):
         if zero_grad:
             self.zero_grad()
 
-    def _restore_w_for_every_perturbed_tensor(self) -> tuple[Params, Params, torch.Tensor]:
+    def _restore_w_for_every_perturbed_tensor(self, with_norm: bool = False
+                                              ) -> tuple[Params, Params, torch.Tensor | None]:
         """Steps (3)-(4) for variants that combine ``g`` and ``g_adv`` tensor by tensor.
 
         Restores ``w`` exactly and returns ``(params, g_adv, ||g_adv||)`` for the perturbed
-        tensors. Every one of them must have a finite ``g_adv``; otherwise this raises after ``w``
-        is restored.
+        tensors (the norm only ``with_norm``, else ``None``). Every one of them must have a finite
+        ``g_adv``; otherwise this raises after ``w`` is restored.
         """
         if self._perturbed is None:
             raise RuntimeError("second_step() called without first_step(): "
@@ -464,7 +481,10 @@ class SAM(torch.optim.Optimizer):
         if any(g_p is None for g_p in g_adv):
             raise RuntimeError("second_step(): no gradient at w + e for a parameter that had one "
                                "at w; w was restored and not updated")
-        return params, g_adv, self._check_g_adv(g_adv)
+        if not with_norm:
+            self._check_g_adv(g_adv)
+            return params, g_adv, None
+        return params, g_adv, self._g_adv_norm(g_adv)
 
     def _restore_w(self) -> None:
         """Step (4): restore ``w`` exactly, pointing the parameters back at it (swapped) or
@@ -478,8 +498,14 @@ class SAM(torch.optim.Optimizer):
                 p.copy_(w)
         self._perturbed, self._saved_w = None, None
 
-    def _check_g_adv(self, g_adv: Params) -> torch.Tensor:
-        """``||g_adv||``, global; raises ``FloatingPointError`` if it is not finite."""
+    def _check_g_adv(self, g_adv: Params) -> None:
+        """Raises ``FloatingPointError`` unless every element of ``g_adv`` is finite."""
+        if not (all_finite_foreach if self.foreach_used else all_finite)(g_adv):
+            raise FloatingPointError("non-finite gradient at w + e; w was restored and not updated")
+
+    def _g_adv_norm(self, g_adv: Params) -> torch.Tensor:
+        """``||g_adv||``, global, for the variants that need it; raises ``FloatingPointError`` if
+        it is not finite (a non-finite ``g_adv`` makes it so)."""
         norm = global_norm_foreach(g_adv) if self.foreach_used else global_norm(g_adv)
         if not torch.isfinite(norm):
             raise FloatingPointError("non-finite gradient at w + e; w was restored and not updated")

@@ -113,7 +113,8 @@ class WSAM(SAM):
         """Steps (3)-(5): restore ``w`` and take the base step; ``p.grad`` must hold ``g_adv``."""
         g, self._g = self._g, None
         # (3) gradient at the perturbed point and (4) restore w, as in SAM
-        params, g_adv, g_adv_norm = self._restore_w_for_every_perturbed_tensor()
+        params, g_adv, g_adv_norm = self._restore_w_for_every_perturbed_tensor(
+            with_norm=self.max_norm is not None)
         if self.foreach_used:
             self._base_step_foreach(params, g, g_adv, g_adv_norm)
             if zero_grad:
@@ -139,11 +140,11 @@ class WSAM(SAM):
             self.zero_grad()
 
     def _base_step_foreach(self, params: Params, g: Params, g_adv: Params,
-                           g_adv_norm: torch.Tensor) -> None:
+                           g_adv_norm: torch.Tensor | None) -> None:
         """Step (5) on the fast path: the same equations, in place in ``p.grad`` (``g_adv``).
 
         Clipping scales ``g_adv`` by ``min(1, max_norm / (||g_adv|| + 1e-6))``, the norm already
-        computed for the finiteness check. Coupled: ``d = g_adv + (1 - a)(g - g_adv)``, one
+        computed for the finiteness check (``None`` without clipping). Coupled: ``d = g_adv + (1 - a)(g - g_adv)``, one
         ``_foreach_lerp_``. Decoupled: ``s = g_adv - g``, base step with ``g``, ``w -= lr a s``.
         """
         if self.max_norm is not None:
