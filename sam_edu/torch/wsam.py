@@ -144,8 +144,9 @@ class WSAM(SAM):
         """Step (5) on the fast path: the same equations, in place in ``p.grad`` (``g_adv``).
 
         Clipping scales ``g_adv`` by ``min(1, max_norm / (||g_adv|| + 1e-6))``, the norm already
-        computed for the finiteness check (``None`` without clipping). Coupled: ``d = g_adv + (1 - a)(g - g_adv)``, one
-        ``_foreach_lerp_``. Decoupled: ``s = g_adv - g``, base step with ``g``, ``w -= lr a s``.
+        computed for the finiteness check (``None`` without clipping). Coupled:
+        ``d = g_adv + (1 - a)(g - g_adv)``, one ``_foreach_lerp_``. Decoupled: ``s = g_adv - g``,
+        base step with ``g``, ``w -= lr a s``.
         """
         if self.max_norm is not None:
             torch._foreach_mul_(g_adv, torch.clamp(self.max_norm / (g_adv_norm + 1e-6), max=1.0))
