@@ -133,6 +133,29 @@ def test_fast_path_non_finite_gradient_raises_and_restores_w(make, where):
         assert torch.equal(p.detach(), w)
 
 
+@pytest.mark.parametrize("take", [True, False], ids=["g_taken", "g_in_buffers"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_wsam_decoupled_fast_path_with_g_taken_or_kept_gives_the_loops_numbers(take, dtype):
+    """``first_step(zero_grad=True)`` lets decoupled WSAM point ``p.grad`` at ``g``; without it,
+    ``g`` stays in buffers the caller's ``zero_grad(set_to_none=False)`` must not reach."""
+    results = []
+    for foreach in (False, True):
+        params, frozen = make_params(dtype)
+        optimizer = CASES["wsam_decoupled"]([{"params": params}], foreach)
+        x = torch.randn(8, 5, dtype=dtype, generator=torch.Generator().manual_seed(1))
+        for _ in range(STEPS):
+            optimizer.zero_grad(set_to_none=False)
+            loss_fn(params, frozen, x).backward()
+            optimizer.first_step(zero_grad=take)
+            optimizer.zero_grad(set_to_none=False)
+            loss_fn(params, frozen, x).backward()
+            optimizer.second_step()
+        assert optimizer.foreach_used is foreach
+        results.append(params)
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6 if dtype is torch.float32 else 1e-14)
+
+
 BITS = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32,
         torch.float64: torch.int64}
 

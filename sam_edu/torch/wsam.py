@@ -99,12 +99,15 @@ class WSAM(SAM):
         self.max_norm = max_norm
         # g, saved in (1) for (5). Not in self.state, for the reason SAM keeps w out of it.
         self._g: Params | None = None
+        # whether the fast path took the tensors of g from p.grad (so no one else holds them)
+        self._g_taken = False
 
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> None:
         """Steps (1)-(2), exactly SAM's: move the weights to ``w + e(w)``, keeping ``g``."""
         super().first_step()
         self._g = self._keep_g(take=zero_grad)
+        self._g_taken = zero_grad and self.foreach_used
         if zero_grad:
             self.zero_grad()
 
@@ -146,7 +149,9 @@ class WSAM(SAM):
         Clipping scales ``g_adv`` by ``min(1, max_norm / (||g_adv|| + 1e-6))``, the norm already
         computed for the finiteness check (``None`` without clipping). Coupled:
         ``d = g_adv + (1 - a)(g - g_adv)``, one ``_foreach_lerp_``. Decoupled: ``s = g_adv - g``,
-        base step with ``g``, ``w -= lr a s``.
+        base step with ``g``, ``w -= lr a s``; where ``first_step(zero_grad=True)`` took ``g``
+        (as ``step(closure)`` does), ``s`` is written over ``g_adv`` and ``p.grad`` is pointed
+        at ``g``: no new tensor for ``s`` and no copy of ``g`` (two passes over the weights).
         """
         if self.max_norm is not None:
             torch._foreach_mul_(g_adv, torch.clamp(self.max_norm / (g_adv_norm + 1e-6), max=1.0))
@@ -154,8 +159,14 @@ class WSAM(SAM):
             torch._foreach_lerp_(g_adv, g, 1.0 - self.a)
             self.base_optimizer.step()
             return
-        sharpness = dict(zip(params, torch._foreach_sub(g_adv, g)))
-        torch._foreach_copy_(g_adv, g)
+        if self._g_taken:  # s in place of g_adv, and p.grad points at g: no copy, no new tensor
+            torch._foreach_sub_(g_adv, g)
+            sharpness = dict(zip(params, g_adv))
+            for p, g_p in zip(params, g):
+                p.grad = g_p
+        else:  # g is in buffers kept for the next step: copied into p.grad
+            sharpness = dict(zip(params, torch._foreach_sub(g_adv, g)))
+            torch._foreach_copy_(g_adv, g)
         self.base_optimizer.step()
         for group in self.param_groups:
             ps = [p for p in group["params"] if p in sharpness]
