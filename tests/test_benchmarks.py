@@ -1,6 +1,7 @@
 """The benchmark scripts run and write the fields the book reads (no timing assertions here)."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -196,3 +197,49 @@ def test_step_cost_markdown_prints_the_headline_table(step_cost_record, tmp_path
     lines = done.stdout.splitlines()
     assert lines[0].startswith("| step time / base step |") and "Targets of issue 8" in lines[-1]
     assert any(line.startswith("| SAM |") for line in lines)
+
+
+STEP_COST_NO_MMAP_RECORDED = ROOT / "book" / "results" / "step_cost_cpu_jax_no_mmap.json"
+NO_MMAP = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(4 << 30)}
+
+
+@pytest.fixture(scope="module")
+def no_mmap_record(tmp_path_factory):
+    for module in STEP_COST_MODULES["jax"]:
+        pytest.importorskip(module)
+    out = tmp_path_factory.mktemp("step_cost") / "jax_no_mmap.json"
+    done = _step_cost("--tiny", "--framework", "jax", "--case", "mlp", "--malloc", "no-mmap",
+                      "--out", str(out))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def test_step_cost_malloc_no_mmap_reaches_the_worker_and_is_recorded(no_mmap_record,
+                                                                     step_cost_record):
+    """``--malloc no-mmap`` starts the worker with glibc's variables set; the default does not
+    add any (the worker sees the environment it was started with)."""
+    assert no_mmap_record["settings"]["malloc"] == "no-mmap"
+    assert no_mmap_record["settings"]["malloc_environment"] == NO_MMAP
+    (run,) = no_mmap_record["runs"]
+    assert {k: run["framework_info"]["malloc_environment"][k] for k in NO_MMAP} == NO_MMAP
+    assert [row["name"] for row in run["rows"]] == STEP_COST_ROWS["jax"][1]
+    framework, record = step_cost_record
+    assert record["settings"]["malloc"] == "default"
+    assert record["settings"]["malloc_environment"] == {}
+    inherited = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
+    for run in record["runs"]:
+        assert run["framework_info"]["malloc_environment"] == inherited, framework
+
+
+def test_recorded_no_mmap_run_has_the_fields_the_script_writes(no_mmap_record):
+    recorded = json.loads(STEP_COST_NO_MMAP_RECORDED.read_text())
+    assert recorded.keys() == no_mmap_record.keys()
+    for part in ("machine", "versions", "settings"):
+        assert recorded[part].keys() == no_mmap_record[part].keys(), part
+    assert recorded["settings"]["malloc_environment"] == NO_MMAP
+    assert recorded["settings"]["tiny"] is False and recorded["settings"]["frameworks"] == ["jax"]
+    assert [run["case"] for run in recorded["runs"]] == ["cnn", "mlp", "tensors"]
+    for run in recorded["runs"]:
+        assert run["framework_info"]["malloc_environment"] == NO_MMAP
+        assert [row.keys() for row in run["rows"]] == \
+            [row.keys() for row in no_mmap_record["runs"][0]["rows"]]
