@@ -155,10 +155,10 @@ TINY_SIZES = dict(cnn=dict(batch=2, image_size=8, channels=4),
                   mlp=dict(batch=4, widths=[48, 16, 16, 16, 10]),
                   tensors=dict(tensors=20, width=4))
 DEFAULT_TIMING = dict(repeats=10, steps=5, tensors_steps=20, warmup=5)
+TINY_TIMING = dict(repeats=2, steps=5, tensors_steps=5, warmup=5)
 # --malloc: the environment of the worker processes (glibc reads it when a process starts)
 MALLOC_ENVIRONMENT = {"default": {},
                       "no-mmap": {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(4 << 30)}}
-TINY_TIMING = dict(repeats=2, steps=5, tensors_steps=5, warmup=5)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -472,7 +472,7 @@ def main(argv=None) -> dict | None:
     passthrough = ["--repeats", str(args.repeats), "--steps", str(args.steps),
                    "--tensors-steps", str(args.tensors_steps), "--warmup", str(args.warmup),
                    "--threads", str(args.threads), "--seed", str(args.seed),
-                   "--case", args.case, "--malloc", args.malloc]
+                   "--case", args.case]
     if args.tiny:
         passthrough.append("--tiny")
     if args.peer_foreach:
